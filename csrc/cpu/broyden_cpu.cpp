@@ -1,0 +1,247 @@
+// CPU kernels: parallel over (active sample, fixed-size chunk of D).
+//
+// Partial sums are taken per fixed chunk and combined in chunk order, so the
+// result does not depend on the number of threads. Accumulation is in double
+// (at::acc_type on CPU), like the reference twin.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+
+namespace deq_ext {
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+std::vector<int64_t> active_samples(const at::Tensor& status) {
+  const int64_t* s = status.data_ptr<int64_t>();
+  std::vector<int64_t> act;
+  for (int64_t b = 0; b < status.size(0); ++b)
+    if (s[b] == kActive) act.push_back(b);
+  return act;
+}
+
+int64_t num_chunks(int64_t D) { return std::max<int64_t>(1, (D + kChunk - 1) / kChunk); }
+
+// Runs body(sample, lo, hi) over every (active sample, chunk) pair in parallel.
+template <typename Body>
+void for_each_chunk(const std::vector<int64_t>& act, int64_t D, const Body& body) {
+  const int64_t nch = num_chunks(D);
+  const int64_t items = static_cast<int64_t>(act.size()) * nch;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t i = it / nch, c = it % nch;
+      body(i, act[i], c, c * kChunk, std::min(D, (c + 1) * kChunk));
+    }
+  });
+}
+
+template <typename scalar_t, typename fz_t>
+void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(t.status);
+  if (act.empty()) return;
+  const int64_t D = t.z.size(1), nch = num_chunks(D);
+  std::vector<double> part(act.size() * nch * 2, 0.0);
+
+  const fz_t* fz = t.fz.data_ptr<fz_t>();
+  const scalar_t* z = t.z.data_ptr<scalar_t>();
+  scalar_t* g = t.g.data_ptr<scalar_t>();
+  scalar_t* dg = t.dg.data_ptr<scalar_t>();
+  for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
+    acc_t sg = 0, sf = 0;
+    for (int64_t d = b * D + lo; d < b * D + hi; ++d) {
+      const scalar_t f = static_cast<scalar_t>(fz[d]);
+      const scalar_t gn = f - z[d];
+      dg[d] = gn - g[d];
+      g[d] = gn;
+      sg += static_cast<acc_t>(gn) * gn;
+      sf += static_cast<acc_t>(f) * f;
+    }
+    part[(i * nch + c) * 2 + 0] = sg;
+    part[(i * nch + c) * 2 + 1] = sf;
+  });
+
+  scalar_t* z_best = t.z_best.data_ptr<scalar_t>();
+  scalar_t* best_abs = t.best_abs.data_ptr<scalar_t>();
+  scalar_t* best_rel = t.best_rel.data_ptr<scalar_t>();
+  scalar_t* res_abs = t.res_abs.data_ptr<scalar_t>();
+  scalar_t* res_rel = t.res_rel.data_ptr<scalar_t>();
+  int64_t* status = t.status.data_ptr<int64_t>();
+  int64_t* nstep = t.nstep.data_ptr<int64_t>();
+  int64_t* nfev = t.nfev.data_ptr<int64_t>();
+  int64_t* stall = t.stall.data_ptr<int64_t>();
+  at::parallel_for(0, static_cast<int64_t>(act.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = act[i];
+      double sg = 0, sf = 0;
+      for (int64_t c = 0; c < nch; ++c) {
+        sg += part[(i * nch + c) * 2 + 0];
+        sf += part[(i * nch + c) * 2 + 1];
+      }
+      const double best = static_cast<double>(p.use_rel ? best_rel[b] : best_abs[b]);
+      const StatusUpdate r = update_status(sg, sf, best, stall[b], p);
+      res_abs[b] = static_cast<scalar_t>(r.res_abs);
+      res_rel[b] = static_cast<scalar_t>(r.res_rel);
+      stall[b] = r.stall;
+      nfev[b] += 1;
+      if (p.count_step) nstep[b] += 1;
+      if (r.improved) {
+        best_abs[b] = static_cast<scalar_t>(r.res_abs);
+        best_rel[b] = static_cast<scalar_t>(r.res_rel);
+        std::copy(z + b * D, z + (b + 1) * D, z_best + b * D);
+      }
+      status[b] = r.status;
+    }
+  });
+}
+
+template <typename scalar_t>
+void reduce_impl(const HistoryArgs& t) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(t.status);
+  if (act.empty()) return;
+  const int64_t m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
+  const int64_t Q = 3 * m + 2;  // a, b, c per pair, then dz.dg and dz.g
+  std::vector<acc_t> part(act.size() * nch * Q, acc_t(0));
+
+  const scalar_t* U = t.U.data_ptr<scalar_t>();
+  const scalar_t* V = t.V.data_ptr<scalar_t>();
+  const scalar_t* dz = t.dz.data_ptr<scalar_t>();
+  const scalar_t* dg = t.dg.data_ptr<scalar_t>();
+  const scalar_t* g = t.g.data_ptr<scalar_t>();
+  const int64_t* npairs = t.npairs.data_ptr<int64_t>();
+  for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
+    acc_t* out = part.data() + (i * nch + c) * Q;
+    const scalar_t* dzb = dz + b * D;
+    const scalar_t* dgb = dg + b * D;
+    const scalar_t* gb = g + b * D;
+    const int64_t k = stored_pairs(npairs[b], m);
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t* u = U + (b * m + j) * D;
+      const scalar_t* v = V + (b * m + j) * D;
+      acc_t sa = 0, sb = 0, sc = 0;
+      for (int64_t d = lo; d < hi; ++d) {
+        sa += static_cast<acc_t>(u[d]) * dzb[d];
+        sb += static_cast<acc_t>(v[d]) * dgb[d];
+        sc += static_cast<acc_t>(v[d]) * gb[d];
+      }
+      out[j] = sa;
+      out[m + j] = sb;
+      out[2 * m + j] = sc;
+    }
+    acc_t s1 = 0, s2 = 0;
+    for (int64_t d = lo; d < hi; ++d) {
+      s1 += static_cast<acc_t>(dzb[d]) * dgb[d];
+      s2 += static_cast<acc_t>(dzb[d]) * gb[d];
+    }
+    out[3 * m] = s1;
+    out[3 * m + 1] = s2;
+  });
+
+  scalar_t* proj = t.proj.data_ptr<scalar_t>();
+  scalar_t* scal = t.scal.data_ptr<scalar_t>();
+  for (size_t i = 0; i < act.size(); ++i) {
+    const int64_t b = static_cast<int64_t>(act[i]);
+    std::vector<acc_t> tot(Q, acc_t(0));
+    for (int64_t c = 0; c < nch; ++c)
+      for (int64_t q = 0; q < Q; ++q) tot[q] += part[(i * nch + c) * Q + q];
+    const int64_t k = stored_pairs(npairs[b], m);
+    acc_t den, vg, valid;
+    sherman_morrison<acc_t>(tot.data(), tot.data() + m, tot.data() + 2 * m, k, tot[3 * m],
+                            tot[3 * m + 1], &den, &vg, &valid);
+    for (int64_t q = 0; q < 3 * m; ++q) proj[b * 3 * m + q] = static_cast<scalar_t>(tot[q]);
+    scalar_t* s = scal + b * kNumScalars;
+    s[kDzDg] = static_cast<scalar_t>(tot[3 * m]);
+    s[kDzG] = static_cast<scalar_t>(tot[3 * m + 1]);
+    s[kDen] = static_cast<scalar_t>(den);
+    s[kVG] = static_cast<scalar_t>(vg);
+    s[kValid] = static_cast<scalar_t>(valid);
+  }
+}
+
+template <typename scalar_t>
+void expand_impl(const HistoryArgs& t) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(t.status);
+  if (act.empty()) return;
+  const int64_t m = t.U.size(1), D = t.U.size(2);
+
+  scalar_t* U = t.U.data_ptr<scalar_t>();
+  scalar_t* V = t.V.data_ptr<scalar_t>();
+  scalar_t* dz = t.dz.data_ptr<scalar_t>();
+  const scalar_t* dg = t.dg.data_ptr<scalar_t>();
+  const scalar_t* g = t.g.data_ptr<scalar_t>();
+  scalar_t* z = t.z.data_ptr<scalar_t>();
+  const scalar_t* proj = t.proj.data_ptr<scalar_t>();
+  const scalar_t* scal = t.scal.data_ptr<scalar_t>();
+  int64_t* npairs = t.npairs.data_ptr<int64_t>();
+  for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
+    const int64_t n = npairs[b], k = stored_pairs(n, m), slot = next_slot(n, m);
+    const scalar_t* s = scal + b * kNumScalars;
+    const bool valid = s[kValid] != scalar_t(0);
+    const acc_t den = s[kDen], vg = s[kVG];
+    const scalar_t* a = proj + b * 3 * m;
+    const int64_t len = hi - lo;
+    std::vector<acc_t> sUb(len, acc_t(0)), sUc(len, acc_t(0)), sVa(len, acc_t(0));
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t* u = U + (b * m + j) * D + lo;
+      const scalar_t* v = V + (b * m + j) * D + lo;
+      const acc_t aj = a[j], bj = a[m + j];
+      // The pair in `slot` is replaced by the new one, so it leaves the step.
+      const acc_t cj = (valid && j == slot) ? acc_t(0) : acc_t(a[2 * m + j]);
+      for (int64_t d = 0; d < len; ++d) {
+        sUb[d] += static_cast<acc_t>(u[d]) * bj;
+        sUc[d] += static_cast<acc_t>(u[d]) * cj;
+        sVa[d] += static_cast<acc_t>(v[d]) * aj;
+      }
+    }
+    scalar_t* un = U + (b * m + slot) * D + lo;
+    scalar_t* vn = V + (b * m + slot) * D + lo;
+    const int64_t o = b * D + lo;
+    for (int64_t d = 0; d < len; ++d) {
+      const acc_t dzd = dz[o + d], dgd = dg[o + d];
+      acc_t step = static_cast<acc_t>(g[o + d]) - sUc[d];
+      if (valid) {
+        const acc_t uu = (dzd + dgd - sUb[d]) / den;
+        un[d] = static_cast<scalar_t>(uu);
+        vn[d] = static_cast<scalar_t>(sVa[d] - dzd);
+        step -= uu * vg;
+      }
+      const scalar_t st = static_cast<scalar_t>(step);
+      dz[o + d] = st;
+      z[o + d] = z[o + d] + st;
+    }
+  });
+  const scalar_t* sc = scal;
+  for (int64_t b : act)
+    if (sc[b * kNumScalars + kValid] != scalar_t(0)) npairs[b] += 1;
+}
+
+}  // namespace
+
+void residual_status_cpu(const ResidualArgs& t, const StatusParams& p) {
+  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "residual_status_cpu", [&] {
+    using state_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.fz.scalar_type(),
+                                    "residual_status_cpu_fz", [&] {
+                                      residual_status_impl<state_t, scalar_t>(t, p);
+                                    });
+  });
+}
+
+void broyden_reduce_cpu(const HistoryArgs& t) {
+  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_reduce_cpu",
+                             [&] { reduce_impl<scalar_t>(t); });
+}
+
+void broyden_expand_cpu(const HistoryArgs& t) {
+  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_expand_cpu",
+                             [&] { expand_impl<scalar_t>(t); });
+}
+
+}  // namespace deq_ext

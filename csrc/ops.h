@@ -1,0 +1,31 @@
+// Declarations of the device-specific implementations behind the bound ops.
+// Argument checking happens once, in bindings.cpp, before these are called.
+#pragma once
+
+#include <torch/extension.h>
+
+#include "common/broyden_math.h"
+
+namespace deq_ext {
+
+// Tensors of the residual/status op, grouped so the signatures stay readable.
+struct ResidualArgs {
+  at::Tensor fz, z, g, dg, z_best, best_abs, best_rel, res_abs, res_rel;
+  at::Tensor status, nstep, nfev, stall;
+};
+
+struct HistoryArgs {
+  at::Tensor U, V, dz, dg, g, z, proj, scal, status, npairs;
+};
+
+void residual_status_cpu(const ResidualArgs& t, const StatusParams& p);
+void broyden_reduce_cpu(const HistoryArgs& t);
+void broyden_expand_cpu(const HistoryArgs& t);
+
+#ifdef DEQ_EXT_WITH_CUDA
+void residual_status_cuda(const ResidualArgs& t, const StatusParams& p);
+void broyden_reduce_cuda(const HistoryArgs& t);
+void broyden_expand_cuda(const HistoryArgs& t);
+#endif
+
+}  // namespace deq_ext

@@ -1,0 +1,33 @@
+"""deq_ext: batched, per-sample masked Broyden solvers for Deep Equilibrium Models.
+
+    >>> import torch, deq_ext
+    >>> A = 0.5 * torch.eye(8)
+    >>> res = deq_ext.broyden(lambda z: z @ A + 1.0, torch.zeros(4, 8), tol=1e-6)
+    >>> res.status  # Status.CONVERGED (1) for every sample
+
+See :func:`deq_ext.broyden` for the options, :mod:`deq_ext.reference` for the
+exact semantics of every compiled op, and :func:`deq_ext.build_info` for what
+was compiled.
+"""
+
+from __future__ import annotations
+
+from . import reference
+from ._extension import available as extension_available
+from ._extension import build_info
+from .result import SolverResult
+from .solvers import SOLVERS, broyden, solve
+from .status import Status
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SOLVERS",
+    "SolverResult",
+    "Status",
+    "broyden",
+    "build_info",
+    "extension_available",
+    "reference",
+    "solve",
+]

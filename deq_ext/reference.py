@@ -1,0 +1,239 @@
+"""Pure-PyTorch twin of every extension op, with the same semantics op by op.
+
+The solver state lives in flat ``(B, D)`` / ``(B, m, D)`` tensors (see
+DESIGN.md). Every op reads and writes only the samples whose ``status`` is
+``Status.ACTIVE``; all others are left bit for bit as they were. The compiled
+ops in ``deq_ext._C`` are tested against these functions, and the solver falls
+back to them when the extension is not available.
+
+Accumulation precision: float64 state is reduced in float64; float32 state is
+reduced in float64 here (the CPU kernels do the same, the CUDA kernels use
+float32 tree reductions), so float32 comparisons need a float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .status import DEN, DZ_DG, DZ_G, NUM_SCALARS, REL_EPS, VALID, VG, Status
+
+
+def _active_index(status: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(status == Status.ACTIVE, as_tuple=False).flatten()
+
+
+def _smallest_normal(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny
+
+
+def residual_status_(
+    fz: torch.Tensor,
+    z: torch.Tensor,
+    g: torch.Tensor,
+    dg: torch.Tensor,
+    z_best: torch.Tensor,
+    best_abs: torch.Tensor,
+    best_rel: torch.Tensor,
+    res_abs: torch.Tensor,
+    res_rel: torch.Tensor,
+    status: torch.Tensor,
+    nstep: torch.Tensor,
+    nfev: torch.Tensor,
+    stall: torch.Tensor,
+    tol: float,
+    use_rel: bool,
+    stall_patience: int,
+    diverge_ratio: float,
+    count_step: bool,
+    freeze_converged: bool,
+) -> None:
+    """Residual, norms, lowest-residual tracking and status update, in place.
+
+    For every active sample b, with ``fz[b] = f(z[b])`` (any float dtype):
+    ``g_new = fz - z``; ``dg = g_new - g``; ``g = g_new``;
+    ``res_abs = ||g_new||``, ``res_rel = res_abs / (||fz|| + 1e-9)``;
+    ``nfev += 1`` and, if ``count_step``, ``nstep += 1``. If the stop-mode
+    objective is lower than the best so far, ``z_best = z`` and
+    ``best_abs/best_rel`` take the new residuals, and ``stall`` resets to 0
+    (else it grows by one). Then the status: non-finite residual -> DIVERGED;
+    objective < tol (with ``freeze_converged``) -> CONVERGED; objective >
+    ``diverge_ratio`` x previous best -> DIVERGED; ``stall >= stall_patience``
+    (when > 0) -> STALLED.
+    """
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    acc = torch.float64
+    fz_a = fz.index_select(0, idx)
+    z_a = z.index_select(0, idx)
+    g_new = fz_a.to(z.dtype) - z_a
+    dg.index_copy_(0, idx, g_new - g.index_select(0, idx))
+    g.index_copy_(0, idx, g_new)
+
+    sq_g = (g_new.to(acc) ** 2).sum(dim=1)
+    sq_fz = (fz_a.to(acc) ** 2).sum(dim=1)
+    r_abs = sq_g.sqrt()
+    r_rel = r_abs / (sq_fz.sqrt() + REL_EPS)
+    obj = r_rel if use_rel else r_abs
+    best_obj = (best_rel if use_rel else best_abs).index_select(0, idx).to(acc)
+
+    finite = torch.isfinite(r_abs) & torch.isfinite(r_rel)
+    improved = finite & (obj < best_obj)
+    old_stall = stall.index_select(0, idx)
+    new_stall = torch.where(improved, torch.zeros_like(old_stall), old_stall + 1)
+    new_stall = torch.where(finite, new_stall, old_stall)
+
+    new_status = torch.full_like(idx, int(Status.ACTIVE))
+    if stall_patience > 0:
+        new_status = torch.where(new_stall >= stall_patience, int(Status.STALLED), new_status)
+    blew_up = torch.isfinite(best_obj) & (obj > diverge_ratio * best_obj)
+    new_status = torch.where(blew_up, int(Status.DIVERGED), new_status)
+    if freeze_converged:
+        new_status = torch.where(obj < tol, int(Status.CONVERGED), new_status)
+    new_status = torch.where(finite, new_status, int(Status.DIVERGED))
+
+    res_abs.index_copy_(0, idx, r_abs.to(res_abs.dtype))
+    res_rel.index_copy_(0, idx, r_rel.to(res_rel.dtype))
+    stall.index_copy_(0, idx, new_stall)
+    nfev.index_add_(0, idx, torch.ones_like(idx))
+    if count_step:
+        nstep.index_add_(0, idx, torch.ones_like(idx))
+
+    imp = idx[improved]
+    z_best.index_copy_(0, imp, z.index_select(0, imp))
+    best_abs.index_copy_(0, imp, r_abs[improved].to(best_abs.dtype))
+    best_rel.index_copy_(0, imp, r_rel[improved].to(best_rel.dtype))
+    status.index_copy_(0, idx, new_status)
+
+
+def _sherman_morrison(
+    proj: torch.Tensor, dz_dg: torch.Tensor, dz_g: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a, b, c = proj[:, 0], proj[:, 1], proj[:, 2]
+    den = (a * b).sum(dim=1) - dz_dg
+    vg = (a * c).sum(dim=1) - dz_g
+    tiny = _smallest_normal(dtype)
+    valid = torch.isfinite(den) & torch.isfinite(vg) & (den.abs() > tiny)
+    return den, vg, valid
+
+
+def broyden_reduce(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    dz: torch.Tensor,
+    dg: torch.Tensor,
+    g: torch.Tensor,
+    status: torch.Tensor,
+    npairs: torch.Tensor,
+    proj: torch.Tensor,
+    scal: torch.Tensor,
+) -> None:
+    """Fused reduction pass over the history (writes ``proj`` and ``scal``).
+
+    For every active sample with k = min(npairs, m) stored pairs (ring slots
+    0..k-1): ``proj[b, 0, j] = U[b, j] . dz``, ``proj[b, 1, j] = V[b, j] . dg``,
+    ``proj[b, 2, j] = V[b, j] . g`` for j < k, and 0 for j >= k;
+    ``scal[b] = [dz.dg, dz.g, den, vg, valid]`` with the Sherman-Morrison
+    quantities of ``csrc/common/broyden_math.h``.
+    """
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    m = U.shape[1]
+    acc = torch.float64
+    U_a = U.index_select(0, idx).to(acc)
+    V_a = V.index_select(0, idx).to(acc)
+    dz_a = dz.index_select(0, idx).to(acc)
+    dg_a = dg.index_select(0, idx).to(acc)
+    g_a = g.index_select(0, idx).to(acc)
+    k = torch.clamp(npairs.index_select(0, idx), max=m)
+    stored = (torch.arange(m, device=U.device)[None, :] < k[:, None]).to(acc)
+
+    p = torch.stack(
+        [
+            torch.einsum("bmd,bd->bm", U_a, dz_a),
+            torch.einsum("bmd,bd->bm", V_a, dg_a),
+            torch.einsum("bmd,bd->bm", V_a, g_a),
+        ],
+        dim=1,
+    ) * stored[:, None, :]
+    dz_dg = (dz_a * dg_a).sum(dim=1)
+    dz_g = (dz_a * g_a).sum(dim=1)
+    den, vg, valid = _sherman_morrison(p, dz_dg, dz_g, U.dtype)
+    s = torch.stack([dz_dg, dz_g, den, vg, valid.to(acc)], dim=1)
+    proj.index_copy_(0, idx, p.to(proj.dtype))
+    scal.index_copy_(0, idx, s.to(scal.dtype))
+
+
+def broyden_expand_(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    dz: torch.Tensor,
+    dg: torch.Tensor,
+    g: torch.Tensor,
+    z: torch.Tensor,
+    proj: torch.Tensor,
+    scal: torch.Tensor,
+    status: torch.Tensor,
+    npairs: torch.Tensor,
+) -> None:
+    """Fused expansion pass: store the new pair, form the next step, move z.
+
+    For every active sample, with k = min(npairs, m), slot = npairs % m and
+    (a, b, c) = proj[b]: if ``scal[b, VALID]``,
+    ``u = (dz + dg - U b) / den``, ``v = -dz + V a``, the pair goes into ring
+    slot ``slot`` (replacing the oldest pair once the ring is full) and
+    ``npairs += 1``; the step is ``-H' g = g - sum_{j kept} U_j c_j - u vg``.
+    Otherwise the history is untouched and the step is ``g - U c``. Finally
+    ``dz = step`` and ``z += step``.
+    """
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    m = U.shape[1]
+    acc = torch.float64
+    U_a = U.index_select(0, idx).to(acc)
+    V_a = V.index_select(0, idx).to(acc)
+    dz_a = dz.index_select(0, idx).to(acc)
+    dg_a = dg.index_select(0, idx).to(acc)
+    g_a = g.index_select(0, idx).to(acc)
+    p = proj.index_select(0, idx).to(acc)
+    s = scal.index_select(0, idx).to(acc)
+    n = npairs.index_select(0, idx)
+    k = torch.clamp(n, max=m)
+    slot = n % m
+    valid = s[:, VALID] != 0
+    ar = torch.arange(m, device=U.device)[None, :]
+    stored = (ar < k[:, None]).to(acc)
+    # Once the ring is full, the new pair replaces the one in `slot`.
+    kept = stored * ~(valid[:, None] & (ar == slot[:, None]))
+
+    a, b, c = p[:, 0] * stored, p[:, 1] * stored, p[:, 2]
+    u = (dz_a + dg_a - torch.einsum("bmd,bm->bd", U_a, b)) / s[:, DEN, None]
+    v = -dz_a + torch.einsum("bmd,bm->bd", V_a, a)
+    step = g_a - torch.einsum("bmd,bm->bd", U_a, c * kept)
+    step = torch.where(valid[:, None], step - u * s[:, VG, None], step)
+
+    vi = idx[valid]
+    if vi.numel():
+        U[vi, slot[valid]] = u[valid].to(U.dtype)
+        V[vi, slot[valid]] = v[valid].to(V.dtype)
+        npairs.index_add_(0, vi, torch.ones_like(vi))
+    step = step.to(z.dtype)
+    dz.index_copy_(0, idx, step)
+    z.index_copy_(0, idx, z.index_select(0, idx) + step)
+
+
+def new_scratch(batch: int, m: int, dtype: torch.dtype, device: torch.device):
+    """Scratch tensors ``(proj, scal)`` for the reduction/expansion passes."""
+    proj = torch.zeros(batch, 3, m, dtype=dtype, device=device)
+    scal = torch.zeros(batch, NUM_SCALARS, dtype=dtype, device=device)
+    return proj, scal
+
+
+__all__ = [
+    "residual_status_",
+    "broyden_reduce",
+    "broyden_expand_",
+    "new_scratch",
+]

@@ -1,0 +1,106 @@
+"""Build deq_ext and its compiled extension ``deq_ext._C``.
+
+Install with ``pip install --no-build-isolation -e .`` (build isolation would
+compile against a second, freshly downloaded torch).
+
+Environment switches:
+
+* ``DEQ_EXT_FORCE_CPU=1``  build the CPU kernels only, even where CUDA is found.
+* ``DEQ_EXT_FORCE_CUDA=1`` build the CUDA kernels too, and fail loudly if torch
+  has no CUDA or nvcc is not found (instead of quietly building CPU only).
+* ``TORCH_CUDA_ARCH_LIST`` target architectures, e.g. ``"8.0;9.0"``. Left
+  unset, the visible GPUs' architectures are used, or ``8.0;9.0`` (sm_80 and
+  sm_90) when no GPU is visible.
+* ``CUDA_HOME``            the CUDA toolkit (``/usr/local/cuda`` on our machines).
+* ``MAX_JOBS``             parallel compile jobs for ninja.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CONFIG = json.loads((ROOT / "csrc" / "build_config.json").read_text())
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _cuda_archs(torch) -> str:
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs:
+        return archs
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+    return CONFIG["default_cuda_archs"]
+
+
+def _want_cuda(torch, cuda_home: str | None) -> bool:
+    if _flag("DEQ_EXT_FORCE_CPU"):
+        return False
+    found = torch.version.cuda is not None and cuda_home is not None
+    if _flag("DEQ_EXT_FORCE_CUDA") and not found:
+        raise RuntimeError(
+            "DEQ_EXT_FORCE_CUDA=1 but CUDA cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}. "
+            "Install a CUDA build of torch and point CUDA_HOME at the toolkit."
+        )
+    return found
+
+
+def extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda = _want_cuda(torch, cpp_extension.CUDA_HOME)
+    torch_version = torch.__version__.split("+")[0]
+    defines = [f"-DDEQ_EXT_TORCH_VERSION={torch_version}"]
+    sources = list(CONFIG["cpu_sources"])
+    extra = {"cxx": CONFIG["cxx_flags"] + defines}
+    kind = cpp_extension.CppExtension
+    if with_cuda:
+        archs = _cuda_archs(torch)
+        # cpp_extension reads the list from the environment when it adds -gencode flags.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+        token = "+".join(a.strip() for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip())
+        defines += ["-DDEQ_EXT_WITH_CUDA", f"-DDEQ_EXT_CUDA_ARCHS={token}"]
+        extra = {"cxx": CONFIG["cxx_flags"] + defines, "nvcc": CONFIG["nvcc_flags"] + defines}
+        sources += CONFIG["cuda_sources"]
+        kind = cpp_extension.CUDAExtension
+        print(f"deq_ext: building CPU and CUDA kernels for architectures {archs}")
+    else:
+        print("deq_ext: building CPU kernels only")
+    return [
+        kind(
+            name=CONFIG["module"],
+            sources=sources,
+            include_dirs=[str(ROOT / d) for d in CONFIG["include_dirs"]],
+            extra_compile_args=extra,
+        )
+    ]
+
+
+def build_ext_cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="deq_ext",
+    version="0.1.0",
+    description="Batched, per-sample masked Broyden solvers (C++/CUDA) for Deep Equilibrium Models",
+    packages=find_packages(include=["deq_ext", "deq_ext.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4,<=2.14.1", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "torchdeq"]},
+    ext_modules=extensions(),
+    cmdclass=build_ext_cmdclass(),
+    zip_safe=False,
+)
