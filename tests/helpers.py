@@ -1,0 +1,75 @@
+"""Random solver states and comparison helpers for the op-level tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deq_ext import reference
+from deq_ext.status import NUM_SCALARS, VALID, Status
+
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+}
+
+
+def random_status(B: int, gen: torch.Generator) -> torch.Tensor:
+    """A mix of active and finished samples: at least one active, and one finished when B > 1."""
+    status = torch.randint(0, 4, (B,), generator=gen)
+    status[torch.rand(B, generator=gen) < 0.5] = int(Status.ACTIVE)
+    status[0] = int(Status.ACTIVE)
+    if B > 1:
+        status[-1] = int(Status.CONVERGED)
+    return status
+
+
+def history_state(B: int, m: int, D: int, dtype: torch.dtype, device, seed: int) -> dict:
+    """Random U, V, dz, dg, g, z, npairs (with ring wrap) and status, plus zeroed scratch."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    st = dict(
+        U=rnd(B, m, D) / math.sqrt(D), V=rnd(B, m, D) / math.sqrt(D),
+        dz=rnd(B, D), dg=rnd(B, D), g=rnd(B, D), z=rnd(B, D),
+        npairs=torch.randint(0, 2 * m + 3, (B,), generator=gen),
+        status=random_status(B, gen),
+    )
+    st["npairs"][0] = m + 1 + (seed % 3)  # make sure one active sample has wrapped the ring
+    st["proj"], st["scal"] = reference.new_scratch(B, m, dtype, "cpu")
+    st["proj"].copy_(rnd(B, 3, m))
+    st["scal"].copy_(rnd(B, NUM_SCALARS))
+    return {k: v.to(device).contiguous() for k, v in st.items()}
+
+
+def with_reduced_scalars(st: dict, gen_seed: int) -> dict:
+    """Fill proj/scal as the reduction pass would, then skip the update for some samples."""
+    reference.broyden_reduce(st["U"], st["V"], st["dz"], st["dg"], st["g"], st["status"],
+                             st["npairs"], st["proj"], st["scal"])
+    gen = torch.Generator().manual_seed(gen_seed)
+    skip = (torch.rand(st["scal"].shape[0], generator=gen) < 0.3).to(st["scal"].device)
+    st["scal"][skip, VALID] = 0
+    return st
+
+
+def clone_state(st: dict) -> dict:
+    return {k: v.clone() for k, v in st.items()}
+
+
+def assert_states_match(got: dict, want: dict, before: dict, dtype: torch.dtype) -> None:
+    """Active rows match the reference; inactive rows are unchanged bit for bit."""
+    active = before["status"] == Status.ACTIVE
+    for name in want:
+        g, w, b = got[name], want[name], before[name]
+        if g.dtype in (torch.int64, torch.bool):
+            assert torch.equal(g, w), f"{name}: {g} != {w}"
+            continue
+        if g.dim() >= 1 and g.shape[0] == active.shape[0] and (~active).any():
+            assert torch.equal(g[~active], b[~active]), f"{name}: an inactive sample was written"
+        scale = max(1.0, float(w[torch.isfinite(w)].abs().max()) if torch.isfinite(w).any() else 1.0)
+        tol = TOL[dtype]
+        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                   equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")

@@ -1,0 +1,39 @@
+"""Small fixed-point problems with known behaviour, shared by the solver tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def contraction(B: int, D: int, dtype=torch.float64, device="cpu", seed: int = 0,
+                rho_min: float = 0.3, rho_max: float = 0.95):
+    """f(z) = rho_b * tanh(W z) + x_b, one contraction factor per sample (heterogeneous batch).
+
+    The matrix-vector product is written as an elementwise product and a sum over
+    the last dim, so each row's arithmetic does not depend on the batch size
+    (needed for the bit-level batch-invariance tests).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, ord=2)
+    rho = torch.linspace(rho_min, rho_max, B, dtype=torch.float64)[:, None]
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    W, rho, x = (t.to(device=device, dtype=dtype) for t in (W, rho, x))
+
+    def f(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        r = rho if rows is None else rho[rows]
+        xx = x if rows is None else x[rows]
+        return r * torch.tanh((z[:, None, :] * W[None]).sum(-1)) + xx
+
+    return f
+
+
+class CountingF:
+    """Wraps f and counts how many times it was called."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        return self.f(z)

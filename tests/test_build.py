@@ -1,0 +1,28 @@
+"""What was compiled, and that the CUDA build was not silently skipped in CI."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import deq_ext
+
+
+def test_extension_is_loaded():
+    info = deq_ext.build_info()
+    assert info["loaded"], info.get("error")
+    assert info["cpu"] is True
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+def test_cuda_build_matches_expectation():
+    """With DEQ_EXT_EXPECT_CUDA=1 (set by .ci/run), the CUDA kernels must have been compiled."""
+    info = deq_ext.build_info()
+    if info["cuda"]:
+        assert info["cuda_archs"], "CUDA kernels built but no architecture recorded"
+        assert all(a[0].isdigit() for a in info["cuda_archs"]), info["cuda_archs"]
+    if os.environ.get("DEQ_EXT_EXPECT_CUDA") == "1":
+        assert info["cuda"], "CI expected the CUDA kernels to be compiled"
+        for arch in ("8.0", "9.0"):
+            assert arch in info["cuda_archs"], info["cuda_archs"]

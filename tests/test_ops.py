@@ -1,0 +1,175 @@
+"""Every compiled op against its pure-PyTorch twin, float64 and float32, awkward sizes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import zlib
+
+import pytest
+import torch
+
+from deq_ext import reference
+from deq_ext.status import DEN, VALID, Status
+
+from .helpers import (assert_states_match, clone_state, history_state, random_status,
+                      with_reduced_scalars)
+
+BATCHES = (1, 3, 33)
+DIMS = (1, 7, 129, 4096 + 32)
+MEMORIES = (1, 5, 30)
+DTYPES = (torch.float64, torch.float32)
+RUN_SEED = int(os.environ.get("DEQ_EXT_TEST_SEED", random.SystemRandom().randrange(2**30)))
+SIZES = list(itertools.product(BATCHES, DIMS, MEMORIES))
+
+
+def _seed(*parts) -> int:
+    """A different seed per test case, and fresh ones each run unless DEQ_EXT_TEST_SEED is set."""
+    return zlib.crc32(repr(parts).encode()) ^ RUN_SEED
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,m", SIZES)
+def test_reduce_matches_reference(ext, device, dtype, B, D, m):
+    st = history_state(B, m, D, dtype, device, seed=_seed("reduce", B, D, m, dtype))
+    before = clone_state(st)
+    want = clone_state(st)
+    args = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
+    ext.broyden_reduce(*(st[a] for a in args))
+    reference.broyden_reduce(*(want[a] for a in args))
+    assert_states_match(st, want, before, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,m", SIZES)
+def test_expand_matches_reference(ext, device, dtype, B, D, m):
+    st = with_reduced_scalars(history_state(B, m, D, dtype, device, seed=_seed("expand", B, D, m, dtype)),
+                              gen_seed=B * D + m)
+    before = clone_state(st)
+    want = clone_state(st)
+    args = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")
+    ext.broyden_expand_(*(st[a] for a in args))
+    reference.broyden_expand_(*(want[a] for a in args))
+    assert_states_match(st, want, before, dtype)
+    active = before["status"] == Status.ACTIVE
+    stored = active & (before["scal"][:, VALID] != 0)
+    assert torch.equal(st["npairs"], before["npairs"] + stored.long())
+    # Only the ring slot of the new pair changed in the history.
+    for b in torch.nonzero(stored).flatten().tolist():
+        slot = int(before["npairs"][b]) % m
+        others = [j for j in range(m) if j != slot]
+        assert torch.equal(st["U"][b, others], before["U"][b, others])
+
+
+def _residual_state(B, D, dtype, fz_dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    z = rnd(B, D)
+    fz = (z.double() + 0.1 * torch.randn(B, D, generator=gen, dtype=torch.float64)
+          * torch.rand(B, 1, generator=gen, dtype=torch.float64)).to(fz_dtype)
+    if B > 2:
+        fz[1, 0] = math.nan  # a sample whose f returned NaN must be flagged diverged
+    best = (0.1 * math.sqrt(D) * torch.rand(B, generator=gen, dtype=torch.float64)).to(dtype)
+    best[torch.rand(B, generator=gen) < 0.3] = math.inf
+    st = dict(
+        fz=fz, z=z, g=rnd(B, D), dg=rnd(B, D), z_best=rnd(B, D),
+        best_abs=best, best_rel=best.clone() / 3,
+        res_abs=rnd(B).abs(), res_rel=rnd(B).abs(),
+        status=random_status(B, gen),
+        nstep=torch.randint(0, 9, (B,), generator=gen),
+        nfev=torch.randint(0, 9, (B,), generator=gen),
+        stall=torch.randint(0, 5, (B,), generator=gen),
+    )
+    if B > 2:
+        st["status"][1] = int(Status.ACTIVE)
+    return {k: v.to(device).contiguous() for k, v in st.items()}
+
+
+def _tol_between(r: torch.Tensor) -> float:
+    """A tolerance halfway (geometrically) between two residuals: no sample sits on the boundary."""
+    r = r.sort().values
+    if r.numel() < 2:
+        return float(r[0]) * 2 if r.numel() else 1.0
+    i = r.numel() // 2
+    return math.sqrt(float(r[i - 1]) * float(r[i]))
+
+
+RESIDUAL_ARGS = ("fz", "z", "g", "dg", "z_best", "best_abs", "best_rel", "res_abs", "res_rel",
+                 "status", "nstep", "nfev", "stall")
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+@pytest.mark.parametrize("dtype,fz_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)], ids=str)
+@pytest.mark.parametrize("B,D", list(itertools.product(BATCHES, DIMS)))
+def test_residual_status_matches_reference(ext, device, dtype, fz_dtype, stop_mode, B, D):
+    st = _residual_state(B, D, dtype, fz_dtype, device, seed=_seed("res", B, D, dtype, fz_dtype))
+    before = clone_state(st)
+    want = clone_state(st)
+    use_rel = stop_mode == "rel"
+    # A tolerance between the samples' residuals, so some converge and some do not.
+    r = (st["fz"].double() - st["z"].double()).norm(dim=1)
+    if use_rel:
+        r = r / st["fz"].double().norm(dim=1)
+    tol = _tol_between(r[torch.isfinite(r)])
+    params = (tol, use_rel, 3, 1e3, True, True)
+    ext.residual_status_(*(st[a] for a in RESIDUAL_ARGS), *params)
+    reference.residual_status_(*(want[a] for a in RESIDUAL_ARGS), *params)
+    assert_states_match(st, want, before, dtype)
+    if B > 2:
+        assert int(st["status"][1]) == Status.DIVERGED
+    active = before["status"] == Status.ACTIVE
+    assert torch.equal(st["nfev"], before["nfev"] + active.long())
+
+
+@pytest.mark.parametrize("flags", [(False, True), (True, False), (False, False)])
+def test_residual_status_flags(ext, device, flags):
+    """count_step and freeze_converged change exactly what they say."""
+    count_step, freeze = flags
+    st = _residual_state(5, 64, torch.float64, torch.float64, device, seed=11)
+    was_active = st["status"] == Status.ACTIVE
+    want = clone_state(st)
+    params = (1e30, False, 0, 1e3, count_step, freeze)  # every finite sample meets tol
+    ext.residual_status_(*(st[a] for a in RESIDUAL_ARGS), *params)
+    reference.residual_status_(*(want[a] for a in RESIDUAL_ARGS), *params)
+    assert torch.equal(st["status"], want["status"])
+    assert torch.equal(st["nstep"], want["nstep"])
+    converged = was_active & (st["status"] == Status.CONVERGED)
+    assert bool(converged.any()) == freeze
+
+
+def test_reduce_marks_zero_denominator_invalid(ext, device):
+    """A zero Sherman-Morrison denominator skips the update instead of storing inf/NaN."""
+    B, m, D = 2, 3, 17
+    st = history_state(B, m, D, torch.float64, device, seed=5)
+    st["status"].zero_()
+    st["npairs"].zero_()  # no stored pairs: den = -dz.dg
+    st["dg"].zero_()
+    args = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
+    ext.broyden_reduce(*(st[a] for a in args))
+    assert torch.all(st["scal"][:, VALID] == 0)
+    assert torch.all(st["scal"][:, DEN] == 0)
+    before = clone_state(st)
+    ext.broyden_expand_(*(st[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")))
+    assert torch.equal(st["U"], before["U"]) and torch.equal(st["npairs"], before["npairs"])
+    torch.testing.assert_close(st["dz"], before["g"], rtol=0, atol=0)  # step = -H g = g with H = -I
+
+
+def test_ops_are_deterministic(ext, device):
+    B, m, D = 4, 6, 9000
+    st = with_reduced_scalars(history_state(B, m, D, torch.float32, device, seed=3), gen_seed=1)
+    outs = []
+    for _ in range(2):
+        s = clone_state(st)
+        ext.broyden_reduce(*(s[a] for a in ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")))
+        ext.broyden_expand_(*(s[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")))
+        outs.append(s)
+    for k in st:
+        assert torch.equal(outs[0][k], outs[1][k]), k
+
