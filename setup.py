@@ -54,7 +54,16 @@ def _want_cuda(torch, cuda_home: str | None) -> bool:
     return found
 
 
+def _default_cuda_home() -> None:
+    # Left unset, torch derives CUDA_HOME from the nvcc on PATH, which on our
+    # machines is a wrapper outside the toolkit: the link then fails on -lcudart.
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+        if Path("/usr/local/cuda/bin/nvcc").exists():
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def extensions():
+    _default_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
