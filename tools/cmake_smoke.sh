@@ -19,8 +19,7 @@ python - <<'PY'
 import torch, deq_ext
 info = deq_ext.build_info()
 assert info["loaded"] and not info["cuda"], info
-assert deq_ext.__file__.startswith("."
-    ) or "/pkg/" in deq_ext.__file__, deq_ext.__file__
+assert "/pkg/deq_ext/" in deq_ext.__file__, f"imported the wrong deq_ext: {deq_ext.__file__}"
 res = deq_ext.broyden(lambda z: 0.5 * torch.tanh(z) + 1.0, torch.zeros(3, 7), tol=1e-6)
 assert bool(res.converged.all()), res.status
 print("cmake build OK:", info, res.summary())
