@@ -37,3 +37,32 @@ class CountingF:
     def __call__(self, z):
         self.calls += 1
         return self.f(z)
+
+
+def contraction_inputs(B: int, D: int, dtype=torch.float64, device="cpu", seed: int = 0):
+    """The same heterogeneous contraction with its data passed as inputs: f(z, x, rho, W, scale).
+
+    x and rho are batched, W (D, D) is not (D != B in the tests), scale is not a tensor.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    W = (W / torch.linalg.matrix_norm(W, ord=2)).to(device=device, dtype=dtype)
+    rho = torch.linspace(0.3, 0.95, B, dtype=torch.float64)[:, None].to(device=device, dtype=dtype)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def f(z, x, rho, W, scale):
+        return scale * rho * torch.tanh((z[:, None, :] * W[None]).sum(-1)) + x
+
+    return f, (x, rho, W, 1.0)
+
+
+class RowCountingF:
+    """Wraps f and counts the rows (samples) it was evaluated on."""
+
+    def __init__(self, f):
+        self.f, self.rows, self.calls = f, 0, 0
+
+    def __call__(self, z, *inputs):
+        self.rows += z.shape[0]
+        self.calls += 1
+        return self.f(z, *inputs)

@@ -58,11 +58,13 @@ def _validate(z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str, memor
 class _BroydenSolve:
     """State and loop of one batched solve (internal; use :func:`broyden`)."""
 
-    def __init__(self, f: Func, z0: torch.Tensor, *, max_iter: int, tol: float, stop_mode: str,
-                 memory: int, per_sample: bool, stall_patience: int, diverge_ratio: float,
-                 line_search: bool, ls_max_iter: int, trace: bool, stop_early: bool,
-                 use_reference: bool) -> None:
-        self.f = f
+    def __init__(self, f: Func, z0: torch.Tensor, *, inputs: tuple, compact: bool, max_iter: int,
+                 tol: float, stop_mode: str, memory: int, per_sample: bool, stall_patience: int,
+                 diverge_ratio: float, line_search: bool, ls_max_iter: int, trace: bool,
+                 stop_early: bool, use_reference: bool) -> None:
+        self.f, self.inputs = f, inputs
+        # Compaction needs the active count on the host, which only stop_early reads.
+        self.compact = compact and stop_early
         self.shape, self.dtype, self.device = z0.shape, z0.dtype, z0.device
         self.max_iter, self.tol, self.use_rel = max_iter, float(tol), stop_mode == "rel"
         self.per_sample, self.stall_patience = per_sample, stall_patience
@@ -83,7 +85,10 @@ class _BroydenSolve:
         def per_sample_of(dtype: torch.dtype, fill: float = 0.0) -> torch.Tensor:
             return torch.full((B,), fill, dtype=dtype, device=dev)
 
+        self.batched = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
+                        for x in inputs]
         self.z = z0.detach().reshape(B, D).to(sdt).clone()
+        self.fz_rows = torch.empty(B, D, dtype=z0.dtype, device=dev)
         self.g, self.dg, self.dz = vec(), vec(), vec()
         self.z_best = self.z.clone()
         self.U = torch.zeros(B, memory, D, dtype=sdt, device=dev)
@@ -110,18 +115,40 @@ class _BroydenSolve:
         return _extension.ops()
 
     # -- f and the fused ops ---------------------------------------------------------------
-    def evaluate(self, z: torch.Tensor) -> torch.Tensor:
-        """f on the whole batch, checked, flattened to (B, D)."""
-        out = self.f(z.view(self.shape).to(self.dtype))
+    def evaluate(self, z: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f at z, checked and flattened to (B, D).
+
+        With ``rows`` (compaction), f only sees those samples, and of every
+        batched input the same rows; the other rows of the result are stale and
+        must not be read (the masked ops don't).
+        """
+        if rows is None:
+            out = self.f(z.view(self.shape).to(self.dtype), *self.inputs)
+            return self._checked(out, self.shape).reshape(self.B, self.D).contiguous()
+        n = rows.numel()
+        inputs = [x.index_select(0, rows) if batched else x
+                  for x, batched in zip(self.inputs, self.batched)]
+        shape = (n,) + tuple(self.shape[1:])
+        out = self.f(z.index_select(0, rows).view(shape).to(self.dtype), *inputs)
+        self.fz_rows.index_copy_(0, rows, self._checked(out, shape).reshape(n, self.D))
+        return self.fz_rows
+
+    def _checked(self, out, shape) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
-        if out.shape != self.shape:
-            raise ValueError(f"f must return a tensor of z0's shape {tuple(self.shape)}, got {tuple(out.shape)}")
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"f must return a tensor of its input's shape {tuple(shape)}, got {tuple(out.shape)}")
         if out.dtype != self.dtype:
             raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype}")
         if out.device != self.device:
             raise ValueError(f"f must return a tensor on z0's device {self.device}, got {out.device}")
-        return out.reshape(self.B, self.D).contiguous()
+        return out
+
+    def rows_of(self, mask: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        """Indices of the ``count`` samples in ``mask`` (None: all of them), without a sync."""
+        if not self.compact or count == self.B:
+            return None
+        return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
     def record(self, fz: torch.Tensor, count_step: bool) -> None:
         self.ops.residual_status_(
@@ -148,6 +175,12 @@ class _BroydenSolve:
         objective = self.res_rel if self.use_rel else self.res_abs
         return active & ~(objective < self.tol)
 
+    def counts(self) -> tuple[int, int]:
+        """(pending, active) sample counts: the loop's one device-to-host read."""
+        active = self.status == Status.ACTIVE
+        n_pending, n_active = torch.stack([self.pending().sum(), active.sum()]).tolist()
+        return int(n_pending), int(n_active)
+
     # -- Armijo line search with a step size per sample -----------------------------------------
     def armijo(self, fz: torch.Tensor, c1: float = 1e-4, alpha_min: float = 1e-2) -> torch.Tensor:
         """Backtrack the step of every active sample whose residual did not drop enough.
@@ -160,19 +193,21 @@ class _BroydenSolve:
         phi0 = self.g.to(acc).pow(2).sum(1)
         step = self.dz.clone()
         z_old = self.z - step
-        best_fz, best_alpha = fz, torch.ones_like(phi0)
+        best_fz, best_alpha = fz.clone(), torch.ones_like(phi0)
         best_phi = (fz.to(acc) - self.z.to(acc)).pow(2).sum(1).nan_to_num(math.inf)
         alpha, phi = best_alpha.clone(), best_phi.clone()
         for _ in range(self.ls_max_iter):
             need = active & ~(phi <= phi0 * (1 - c1 * alpha)) & (alpha > alpha_min)
-            if not bool(need.any()):
+            n_need = int(need.sum())
+            if n_need == 0:
                 break
             # Minimiser of the quadratic through phi(0), phi'(0) = -phi0 and phi(alpha).
             quad = phi0 * alpha ** 2 / (2 * (phi - phi0 + phi0 * alpha))
             quad = torch.where(torch.isfinite(quad), quad, 0.5 * alpha)
             alpha = torch.where(need, quad.clamp(0.1 * alpha, 0.5 * alpha), alpha)
             trial = z_old + alpha.to(step.dtype)[:, None] * step
-            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z))
+            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z),
+                                     self.rows_of(need, n_need))
             self.nfev += need
             phi_t = (fz_trial.to(acc) - trial.to(acc)).pow(2).sum(1).nan_to_num(math.inf)
             phi = torch.where(need, phi_t, phi)
@@ -188,10 +223,14 @@ class _BroydenSolve:
     def run(self) -> None:
         self.record(self.evaluate(self.z), count_step=False)
         for _ in range(self.max_iter):
-            if self.stop_early and not bool(self.pending().any()):
-                break
+            rows = None
+            if self.stop_early:
+                n_pending, n_active = self.counts()
+                if n_pending == 0:
+                    break
+                rows = self.rows_of(self.status == Status.ACTIVE, n_active)
             self.step()
-            fz = self.evaluate(self.z)
+            fz = self.evaluate(self.z, rows)
             if self.line_search:
                 fz = self.armijo(fz)
             self.record(fz, count_step=True)
@@ -226,6 +265,8 @@ def broyden(
     f: Func,
     z0: torch.Tensor,
     *,
+    inputs: tuple = (),
+    compact: Optional[bool] = None,
     max_iter: int = 50,
     tol: float = 1e-3,
     stop_mode: str = "abs",
@@ -244,12 +285,23 @@ def broyden(
     """Solve ``z = f(z)`` for every sample of a batch with limited-memory Broyden.
 
     Args:
-        f: maps a tensor shaped like ``z0`` to one of the same shape, dtype and
-            device; each sample (row of dim 0) must only depend on its own row.
-            It is called on the whole batch under ``torch.no_grad()``; rows of
-            finished samples are ignored. It must not modify its input in place.
+        f: ``f(z, *inputs)`` maps a tensor shaped like ``z0`` to one of the same
+            shape, dtype and device; each sample (row of dim 0) must only depend
+            on its own row of z and of the batched inputs. It is called under
+            ``torch.no_grad()`` and must not modify its input in place.
         z0: initial guess, batched on dim 0: ``(B, ...)``. float16/bfloat16
             iterates are accepted; the solver state is then kept in float32.
+        inputs: extra arguments of f. A tensor whose dim 0 has size B is
+            batched: with compaction f gets its rows of the active samples.
+            Anything else (non-tensors, tensors of another leading size) is
+            passed unchanged. To pass an unbatched tensor whose dim 0 happens
+            to be B, close over it in f instead.
+        compact: evaluate f only on the samples still active (gathering their
+            rows of z and of the batched inputs). Default: on when ``inputs``
+            are given, off otherwise (an f that closes over batched tensors
+            cannot be compacted). Set False for an f that mixes samples (batch
+            norm, attention across the batch): f then always sees the whole
+            batch and finished rows are ignored.
         max_iter: maximum solver steps per sample (>= 1).
         tol: per-sample stopping tolerance on the ``stop_mode`` residual.
         stop_mode: ``'abs'`` for ``||f(z)-z||``, ``'rel'`` for
@@ -269,7 +321,7 @@ def broyden(
         trace: record the residuals after every evaluation (``abs_trace``, ``rel_trace``).
         stop_early: check once per iteration whether any sample is still
             pending (one device-to-host read); with False exactly ``max_iter``
-            steps run and the device is never synchronised.
+            steps run, f sees the whole batch and the device is never synchronised.
         return_state: attach the internal tensors to the result (for debugging/tests).
         use_reference: run the pure-PyTorch reference ops instead of the extension.
 
@@ -292,7 +344,8 @@ def broyden(
         if not bool(torch.isfinite(z0).all()):
             raise ValueError("z0 contains NaN or inf values")
         solve = _BroydenSolve(
-            f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=memory,
+            f, z0, inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
+            max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=memory,
             per_sample=per_sample, stall_patience=stall_patience, diverge_ratio=diverge_ratio,
             line_search=line_search, ls_max_iter=ls_max_iter, trace=trace,
             stop_early=stop_early, use_reference=use_reference)
