@@ -12,9 +12,10 @@ was compiled.
 
 from __future__ import annotations
 
-from . import reference
+from . import compat, reference
 from ._extension import available as extension_available
 from ._extension import build_info
+from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings
 from .result import SolverResult
 from .solvers import SOLVERS, broyden, solve
 from .status import Status
@@ -22,7 +23,13 @@ from .status import Status
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEQ",
     "SOLVERS",
+    "SolverSettings",
+    "SolverStats",
+    "compat",
+    "deq_fixed_point",
+    "paper_settings",
     "SolverResult",
     "Status",
     "broyden",

@@ -1,0 +1,270 @@
+"""The DEQ layer: a fixed point in the forward pass, implicit differentiation in the backward.
+
+Forward: ``z* = f(z*, *inputs)`` is solved without keeping any graph of the
+iterations. One more application ``f(z*, *inputs)`` is recorded to attach the
+gradient. Backward (Bai et al. 2019, Theorem 1): the adjoint system
+``y = J_f(z*)^T y + dL/dz*`` is solved with the same per-sample masked solver,
+using vector-Jacobian products of f at z*; ``y`` then flows through that one
+recorded application of f to the inputs and the parameters. The memory kept for
+backward is one application of f, whatever the number of solver iterations.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .result import SolverResult
+from .solvers import solve
+from .status import Status
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """How one of the two solves (forward fixed point, backward adjoint) is run.
+
+    ``options`` are passed on to the solver (e.g. ``line_search``,
+    ``stall_patience``). The defaults follow torchdeq's; for the paper's scheme
+    see :func:`paper_settings`.
+    """
+
+    method: str = "broyden"
+    max_iter: int = 40
+    tol: float = 1e-3
+    stop_mode: str = "abs"
+    memory: Optional[int] = None
+    options: dict = field(default_factory=dict)
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        kw = {k: v for k, v in asdict(self).items() if k not in ("method", "options")}
+        kw.update(self.options)
+        return kw
+
+
+DEFAULT_FORWARD = SolverSettings(max_iter=40, tol=1e-3)
+DEFAULT_BACKWARD = SolverSettings(max_iter=40, tol=1e-6)
+
+
+def paper_settings(seq_len: int, training: bool = True) -> tuple[SolverSettings, SolverSettings]:
+    """(forward, backward) settings of the DEQ paper for sequences of length T.
+
+    Training: forward tol sqrt(T)*1e-5, backward tol sqrt(T)*1e-8 (absolute
+    residual, section 5); at inference the forward tolerance is relaxed to
+    sqrt(T)*1e-2.
+    """
+    root = math.sqrt(seq_len)
+    fwd = SolverSettings(max_iter=30, tol=root * (1e-5 if training else 1e-2), stop_mode="abs")
+    bwd = SolverSettings(max_iter=35, tol=root * 1e-8, stop_mode="abs")
+    return fwd, bwd
+
+
+@dataclass
+class SolverStats:
+    """Per-sample statistics of one solve, as device tensors (no sync to keep them)."""
+
+    nstep: torch.Tensor
+    nfev: torch.Tensor
+    abs_residual: torch.Tensor
+    rel_residual: torch.Tensor
+    status: torch.Tensor
+
+    @classmethod
+    def of(cls, res: SolverResult) -> "SolverStats":
+        return cls(res.nstep, res.nfev, res.abs_residual, res.rel_residual, res.status)
+
+    def summary(self) -> dict[str, float]:
+        """Batch means for logging (reads from the device)."""
+        return {
+            "nstep": float(self.nstep.double().mean()),
+            "nfev": float(self.nfev.double().mean()),
+            "abs_residual": float(self.abs_residual.double().mean()),
+            "rel_residual": float(self.rel_residual.double().mean()),
+            "converged": float((self.status == Status.CONVERGED).double().mean()),
+        }
+
+
+SettingsLike = Union[SolverSettings, dict, None]
+
+
+def _settings(value: SettingsLike, default: SolverSettings) -> SolverSettings:
+    if value is None:
+        return default
+    if isinstance(value, SolverSettings):
+        return value
+    if isinstance(value, dict):
+        known = {"method", "max_iter", "tol", "stop_mode", "memory"}
+        opts = {k: v for k, v in value.items() if k not in known}
+        return replace(default, **{k: v for k, v in value.items() if k in known},
+                       options={**default.options, **opts})
+    raise TypeError(f"solver settings must be a SolverSettings or a dict, got {type(value).__name__}")
+
+
+class _ImplicitGrad(torch.autograd.Function):
+    """Identity on f(z*) in the forward pass; solves the adjoint system in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, fz: torch.Tensor, z_leaf: torch.Tensor, backward_solve: Callable) -> torch.Tensor:
+        ctx.backward_solve = backward_solve
+        ctx.save_for_backward(fz, z_leaf)
+        return fz.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        fz, z_leaf = ctx.saved_tensors
+        return ctx.backward_solve(fz, z_leaf, grad), None, None
+
+
+def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
+    B = z0.shape[0]
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.dim() == 0 or x.shape[0] != B:
+            raise ValueError(
+                f"input {i} has shape {tuple(x.shape)} but every tensor input of a DEQ layer must be "
+                f"batched on dim 0 with z's batch size {B}; pass unbatched tensors as attributes of f")
+        if x.requires_grad and not (x.is_floating_point() or x.is_complex()):
+            raise TypeError(f"input {i} is an integer tensor that requires grad ({x.dtype})")
+
+
+def deq_fixed_point(
+    f: Callable[..., torch.Tensor],
+    z0: torch.Tensor,
+    *inputs: Any,
+    forward: SettingsLike = None,
+    backward: SettingsLike = None,
+    grad_mode: str = "implicit",
+    phantom_steps: int = 1,
+    phantom_damping: float = 1.0,
+    compact: bool = True,
+    stats: Optional[dict] = None,
+) -> torch.Tensor:
+    """Functional DEQ: returns z* = f(z*, *inputs), differentiable w.r.t. inputs and f's parameters.
+
+    Args:
+        f: ``f(z, *inputs) -> z``; each sample must only depend on its own row
+            of z and of the inputs, unless ``compact=False``.
+        z0: initial guess ``(B, ...)`` (zeros are the usual choice).
+        inputs: tensors batched on dim 0 (size B), or non-tensors passed as is.
+        forward, backward: :class:`SolverSettings` (or a dict of its fields and
+            solver options) of the fixed-point solve and of the adjoint solve.
+        grad_mode: ``'implicit'`` (exact, Theorem 1) or ``'phantom'`` (backprop
+            through ``phantom_steps`` damped steps from z*; 1 step and damping 1
+            is the one-step / Jacobian-free gradient).
+        compact: in the forward solve, evaluate f only on the active samples.
+            Set False for an f that mixes samples (e.g. batch statistics).
+        stats: if given, ``stats['forward']`` and, after backward,
+            ``stats['backward']`` receive :class:`SolverStats`.
+    """
+    fwd = _settings(forward, DEFAULT_FORWARD)
+    bwd = _settings(backward, DEFAULT_BACKWARD)
+    if grad_mode not in ("implicit", "phantom"):
+        raise ValueError(f"grad_mode must be 'implicit' or 'phantom', got {grad_mode!r}")
+    if grad_mode == "phantom" and (phantom_steps < 1 or not 0 < phantom_damping <= 1):
+        raise ValueError("phantom gradients need phantom_steps >= 1 and 0 < phantom_damping <= 1")
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    _check_inputs(z0, inputs)
+
+    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, compact=compact,
+                **fwd.solver_kwargs())
+    if stats is not None:
+        stats["forward"] = SolverStats.of(res)
+    z_star = res.z
+    if not torch.is_grad_enabled():
+        return z_star
+
+    if grad_mode == "phantom":
+        z = z_star
+        for _ in range(phantom_steps):
+            z = (1 - phantom_damping) * z + phantom_damping * f(z, *inputs)
+        return z
+
+    z_leaf = z_star.detach().requires_grad_()
+    fz = f(z_leaf, *inputs)
+    if not fz.requires_grad:
+        return fz
+
+    def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        def adjoint(y: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                (vjp,) = torch.autograd.grad(fz, z_leaf, y, retain_graph=True, allow_unused=True)
+            return grad if vjp is None else vjp + grad
+
+        out = solve(adjoint, torch.zeros_like(grad), method=bwd.method, compact=False,
+                    **bwd.solver_kwargs())
+        if stats is not None:
+            stats["backward"] = SolverStats.of(out)
+        diverged = out.status == Status.DIVERGED
+        if bool(diverged.any()):
+            warnings.warn(
+                f"deq_ext: the backward (adjoint) solve diverged for samples "
+                f"{torch.nonzero(diverged).flatten().tolist()} (non-finite gradients?); "
+                "their gradient is the best finite iterate of the adjoint solve",
+                RuntimeWarning, stacklevel=2)
+        return out.z
+
+    return _ImplicitGrad.apply(fz, z_leaf, backward_solve)
+
+
+class DEQ(nn.Module):
+    """A deep equilibrium layer around ``f(z, *inputs) -> z``.
+
+    ``f`` is usually an ``nn.Module`` (registered as a submodule so its
+    parameters train with the DEQ). Forward and backward solves are configured
+    separately; the per-sample statistics of the last solves are kept in
+    :attr:`forward_stats` and :attr:`backward_stats`.
+
+    Example:
+        >>> cell = MyCell(d)                      # cell(z, x) -> z
+        >>> deq = DEQ(cell, forward=dict(tol=1e-4), backward=dict(tol=1e-6))
+        >>> z_star = deq(x, z0=torch.zeros_like(x))
+        >>> loss(z_star).backward()
+    """
+
+    def __init__(self, f: Callable[..., torch.Tensor], *, forward: SettingsLike = None,
+                 backward: SettingsLike = None, grad_mode: str = "implicit",
+                 phantom_steps: int = 1, phantom_damping: float = 1.0,
+                 compact: bool = True) -> None:
+        super().__init__()
+        self.f = f
+        self.forward_settings = _settings(forward, DEFAULT_FORWARD)
+        self.backward_settings = _settings(backward, DEFAULT_BACKWARD)
+        self.grad_mode = grad_mode
+        self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
+        self.compact = compact
+        self._stats: dict[str, SolverStats] = {}
+
+    @property
+    def forward_stats(self) -> Optional[SolverStats]:
+        """Per-sample statistics of the last forward solve."""
+        return self._stats.get("forward")
+
+    @property
+    def backward_stats(self) -> Optional[SolverStats]:
+        """Per-sample statistics of the last backward (adjoint) solve."""
+        return self._stats.get("backward")
+
+    def forward(self, *inputs: Any, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Solve for z* given the inputs; ``z0`` defaults to zeros shaped like the first input."""
+        if z0 is None:
+            if not inputs or not isinstance(inputs[0], torch.Tensor):
+                raise ValueError("z0 is required when the first input is not a tensor shaped like z")
+            z0 = torch.zeros_like(inputs[0], dtype=inputs[0].dtype if inputs[0].is_floating_point()
+                                  else torch.get_default_dtype())
+        self._stats = {}
+        return deq_fixed_point(
+            self.f, z0, *inputs, forward=self.forward_settings, backward=self.backward_settings,
+            grad_mode=self.grad_mode, phantom_steps=self.phantom_steps,
+            phantom_damping=self.phantom_damping, compact=self.compact, stats=self._stats)
+
+    def extra_repr(self) -> str:
+        f, b = self.forward_settings, self.backward_settings
+        return (f"forward=({f.method}, max_iter={f.max_iter}, tol={f.tol}, {f.stop_mode}), "
+                f"backward=({b.method}, max_iter={b.max_iter}, tol={b.tol}, {b.stop_mode}), "
+                f"grad_mode={self.grad_mode}, compact={self.compact}")

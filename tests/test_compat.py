@@ -1,0 +1,85 @@
+"""Drop-in adapters: the locuslab/deq dict and the torchdeq solver registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deq_ext import compat
+
+
+def test_locuslab_dict_has_every_key_with_the_right_shapes():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5)  # (bsz, hidden, seq_len), as locuslab/deq lays it out
+    out = compat.broyden(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), threshold=30,
+                         eps=1e-6, stop_mode="abs", name="forward")
+    for key in ("result", "lowest", "nstep", "prot_break", "abs_trace", "rel_trace", "eps", "threshold"):
+        assert key in out, key
+    assert out["result"].shape == x.shape
+    assert isinstance(out["lowest"], float) and out["lowest"] < 1e-6
+    assert isinstance(out["nstep"], int) and 0 < out["nstep"] <= 30
+    assert out["prot_break"] is False
+    assert len(out["abs_trace"]) == len(out["rel_trace"]) == out["nstep"] + 1
+    assert out["abs_trace"][-1] <= out["abs_trace"][0]
+    assert out["eps"] == 1e-6 and out["threshold"] == 30 and out["name"] == "forward"
+    z = out["result"]
+    assert float((0.5 * torch.tanh(z) + x - z).norm()) == pytest.approx(out["lowest"], rel=1e-3)
+
+
+def test_locuslab_prot_break_on_divergence():
+    x = torch.randn(2, 3)
+
+    def f(z):
+        out = 0.5 * torch.tanh(z) + x
+        out[0] = torch.nan
+        return out
+
+    out = compat.broyden(f, torch.zeros_like(x), threshold=10, eps=1e-8)
+    assert out["prot_break"] is True
+
+
+def test_torchdeq_solver_signature_and_info():
+    x = torch.randn(3, 4)
+    z, traj, info = compat.torchdeq_broyden(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x),
+                                            max_iter=30, tol=1e-6, indexing=[5, 10])
+    assert z.shape == x.shape and len(traj) == 2
+    for key in ("abs_lowest", "rel_lowest", "abs_trace", "rel_trace", "nstep"):
+        assert info[key].shape[0] == 3, key
+    assert float(info["abs_lowest"].max()) < 1e-6
+
+
+class _Cell(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.lin = nn.Linear(d, d).double()
+        with torch.no_grad():
+            W = torch.randn(d, d, generator=gen, dtype=torch.float64)
+            self.lin.weight.copy_(0.5 * W / torch.linalg.matrix_norm(W, ord=2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+def test_torchdeq_model_gives_the_same_gradients_with_deq_ext():
+    torchdeq = pytest.importorskip("torchdeq")
+    name = compat.register_torchdeq()
+    torch.manual_seed(1)
+    d = 8
+    cell = _Cell(d)
+    x = torch.randn(5, d, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for solver in (name, "broyden"):
+        deq = torchdeq.get_deq(f_solver=solver, b_solver=solver, f_max_iter=60, b_max_iter=60,
+                               f_tol=1e-11, b_tol=1e-11, ift=True)
+        x.grad = None
+        cell.zero_grad()
+        z_out, info = deq(lambda z: cell(z, x), torch.zeros(5, d, dtype=torch.float64))
+        (z_out[-1] ** 2).sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in cell.parameters()])
+        assert float(info["abs_lowest"].max()) < 1e-10
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
+    assert name in torchdeq.solver._solvers
+
