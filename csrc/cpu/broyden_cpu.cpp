@@ -16,6 +16,42 @@ namespace deq_ext {
 namespace {
 
 constexpr int64_t kChunk = 4096;
+// Independent partial sums per dot product: they break the add dependency
+// chain so the compiler can vectorize, in a fixed order (deterministic).
+constexpr int64_t kLanes = 8;
+constexpr int64_t kSubBlock = 512;
+constexpr int64_t kPairGroup = 4;
+
+template <typename acc_t>
+acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
+  acc_t s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+// Three dot products over [lo, hi) in one read of x, y, p, q, r:
+// x.p, y.q and y.r (the reduction pass reads each history row once).
+template <typename scalar_t, typename acc_t>
+void dot3(const scalar_t* x, const scalar_t* y, const scalar_t* p, const scalar_t* q,
+          const scalar_t* r, int64_t lo, int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr) {
+  acc_t a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
+  int64_t d = lo;
+  for (; d + kLanes <= hi; d += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      a[l] += static_cast<acc_t>(x[d + l]) * p[d + l];
+      b[l] += static_cast<acc_t>(y[d + l]) * q[d + l];
+      c[l] += static_cast<acc_t>(y[d + l]) * r[d + l];
+    }
+  }
+  for (int64_t l = 0; d < hi; ++d, ++l) {
+    a[l] += static_cast<acc_t>(x[d]) * p[d];
+    b[l] += static_cast<acc_t>(y[d]) * q[d];
+    c[l] += static_cast<acc_t>(y[d]) * r[d];
+  }
+  *xp = sum_lanes(a);
+  *yq = sum_lanes(b);
+  *yr = sum_lanes(c);
+}
 
 std::vector<int64_t> active_samples(const at::Tensor& status) {
   const int64_t* s = status.data_ptr<int64_t>();
@@ -53,17 +89,22 @@ void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
   scalar_t* g = t.g.data_ptr<scalar_t>();
   scalar_t* dg = t.dg.data_ptr<scalar_t>();
   for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
-    acc_t sg = 0, sf = 0;
-    for (int64_t d = b * D + lo; d < b * D + hi; ++d) {
-      const scalar_t f = static_cast<scalar_t>(fz[d]);
-      const scalar_t gn = f - z[d];
-      dg[d] = gn - g[d];
-      g[d] = gn;
-      sg += static_cast<acc_t>(gn) * gn;
-      sf += static_cast<acc_t>(f) * f;
+    acc_t sg[kLanes] = {}, sf[kLanes] = {};
+    const int64_t o = b * D;
+    for (int64_t d0 = lo; d0 < hi; d0 += kLanes) {
+      const int64_t n = std::min(kLanes, hi - d0);
+      for (int64_t l = 0; l < n; ++l) {
+        const int64_t d = o + d0 + l;
+        const scalar_t f = static_cast<scalar_t>(fz[d]);
+        const scalar_t gn = f - z[d];
+        dg[d] = gn - g[d];
+        g[d] = gn;
+        sg[l] += static_cast<acc_t>(gn) * gn;
+        sf[l] += static_cast<acc_t>(f) * f;
+      }
     }
-    part[(i * nch + c) * 2 + 0] = sg;
-    part[(i * nch + c) * 2 + 1] = sf;
+    part[(i * nch + c) * 2 + 0] = sum_lanes(sg);
+    part[(i * nch + c) * 2 + 1] = sum_lanes(sf);
   });
 
   scalar_t* z_best = t.z_best.data_ptr<scalar_t>();
@@ -122,23 +163,11 @@ void reduce_impl(const HistoryArgs& t) {
     const scalar_t* gb = g + b * D;
     const int64_t k = stored_pairs(npairs[b], m);
     for (int64_t j = 0; j < k; ++j) {
-      const scalar_t* u = U + (b * m + j) * D;
-      const scalar_t* v = V + (b * m + j) * D;
-      acc_t sa = 0, sb = 0, sc = 0;
-      for (int64_t d = lo; d < hi; ++d) {
-        sa += static_cast<acc_t>(u[d]) * dzb[d];
-        sb += static_cast<acc_t>(v[d]) * dgb[d];
-        sc += static_cast<acc_t>(v[d]) * gb[d];
-      }
-      out[j] = sa;
-      out[m + j] = sb;
-      out[2 * m + j] = sc;
+      dot3(U + (b * m + j) * D, V + (b * m + j) * D, dzb, dgb, gb, lo, hi, &out[j], &out[m + j],
+           &out[2 * m + j]);
     }
-    acc_t s1 = 0, s2 = 0;
-    for (int64_t d = lo; d < hi; ++d) {
-      s1 += static_cast<acc_t>(dzb[d]) * dgb[d];
-      s2 += static_cast<acc_t>(dzb[d]) * gb[d];
-    }
+    acc_t s1, s2, unused;  // dz.dg and dz.g (the third product repeats dz.g)
+    dot3(dzb, dzb, dgb, gb, gb, lo, hi, &s1, &s2, &unused);
     out[3 * m] = s1;
     out[3 * m + 1] = s2;
   });
@@ -186,35 +215,60 @@ void expand_impl(const HistoryArgs& t) {
     const bool valid = s[kValid] != scalar_t(0);
     const acc_t den = s[kDen], vg = s[kVG];
     const scalar_t* a = proj + b * 3 * m;
-    const int64_t len = hi - lo;
-    std::vector<acc_t> sUb(len, acc_t(0)), sUc(len, acc_t(0)), sVa(len, acc_t(0));
-    for (int64_t j = 0; j < k; ++j) {
-      const scalar_t* u = U + (b * m + j) * D + lo;
-      const scalar_t* v = V + (b * m + j) * D + lo;
-      const acc_t aj = a[j], bj = a[m + j];
-      // The pair in `slot` is replaced by the new one, so it leaves the step.
-      const acc_t cj = (valid && j == slot) ? acc_t(0) : acc_t(a[2 * m + j]);
+    // Sub-blocks small enough that the three accumulators stay in L1.
+    acc_t sUb[kSubBlock], sUc[kSubBlock], sVa[kSubBlock];
+    for (int64_t lo2 = lo; lo2 < hi; lo2 += kSubBlock) {
+      const int64_t len = std::min(kSubBlock, hi - lo2);
+      std::fill(sUb, sUb + len, acc_t(0));
+      std::fill(sUc, sUc + len, acc_t(0));
+      std::fill(sVa, sVa + len, acc_t(0));
+      // Pairs are taken kPairGroup at a time so each accumulator is loaded and
+      // stored once per group rather than once per pair.
+      for (int64_t j0 = 0; j0 < k; j0 += kPairGroup) {
+        const int64_t nj = std::min(kPairGroup, k - j0);
+        const scalar_t* u[kPairGroup];
+        const scalar_t* v[kPairGroup];
+        acc_t aj[kPairGroup], bj[kPairGroup], cj[kPairGroup];
+        for (int64_t t = 0; t < kPairGroup; ++t) {
+          // Missing pairs of the last group read pair j0 with zero weights.
+          const int64_t j = t < nj ? j0 + t : j0;
+          const bool real = t < nj;
+          u[t] = U + (b * m + j) * D + lo2;
+          v[t] = V + (b * m + j) * D + lo2;
+          aj[t] = real ? acc_t(a[j]) : acc_t(0);
+          bj[t] = real ? acc_t(a[m + j]) : acc_t(0);
+          // The pair in `slot` is replaced by the new one, so it leaves the step.
+          cj[t] = (real && !(valid && j == slot)) ? acc_t(a[2 * m + j]) : acc_t(0);
+        }
+        for (int64_t d = 0; d < len; ++d) {
+          acc_t ub = sUb[d], uc = sUc[d], va = sVa[d];
+          for (int64_t t = 0; t < kPairGroup; ++t) {
+            const acc_t ud = static_cast<acc_t>(u[t][d]);
+            ub += ud * bj[t];
+            uc += ud * cj[t];
+            va += static_cast<acc_t>(v[t][d]) * aj[t];
+          }
+          sUb[d] = ub;
+          sUc[d] = uc;
+          sVa[d] = va;
+        }
+      }
+      scalar_t* un = U + (b * m + slot) * D + lo2;
+      scalar_t* vn = V + (b * m + slot) * D + lo2;
+      const int64_t o = b * D + lo2;
       for (int64_t d = 0; d < len; ++d) {
-        sUb[d] += static_cast<acc_t>(u[d]) * bj;
-        sUc[d] += static_cast<acc_t>(u[d]) * cj;
-        sVa[d] += static_cast<acc_t>(v[d]) * aj;
+        const acc_t dzd = dz[o + d], dgd = dg[o + d];
+        acc_t step = static_cast<acc_t>(g[o + d]) - sUc[d];
+        if (valid) {
+          const acc_t uu = (dzd + dgd - sUb[d]) / den;
+          un[d] = static_cast<scalar_t>(uu);
+          vn[d] = static_cast<scalar_t>(sVa[d] - dzd);
+          step -= uu * vg;
+        }
+        const scalar_t st = static_cast<scalar_t>(step);
+        dz[o + d] = st;
+        z[o + d] = z[o + d] + st;
       }
-    }
-    scalar_t* un = U + (b * m + slot) * D + lo;
-    scalar_t* vn = V + (b * m + slot) * D + lo;
-    const int64_t o = b * D + lo;
-    for (int64_t d = 0; d < len; ++d) {
-      const acc_t dzd = dz[o + d], dgd = dg[o + d];
-      acc_t step = static_cast<acc_t>(g[o + d]) - sUc[d];
-      if (valid) {
-        const acc_t uu = (dzd + dgd - sUb[d]) / den;
-        un[d] = static_cast<scalar_t>(uu);
-        vn[d] = static_cast<scalar_t>(sVa[d] - dzd);
-        step -= uu * vg;
-      }
-      const scalar_t st = static_cast<scalar_t>(step);
-      dz[o + d] = st;
-      z[o + d] = z[o + d] + st;
     }
   });
   const scalar_t* sc = scal;
