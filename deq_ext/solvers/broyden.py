@@ -18,6 +18,7 @@ samples still pending) and none at all with ``stop_early=False``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -88,7 +89,8 @@ class _BroydenSolve:
         self.batched = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
                         for x in inputs]
         self.z = z0.detach().reshape(B, D).to(sdt).clone()
-        self.fz_rows = torch.empty(B, D, dtype=z0.dtype, device=dev)
+        # Compacted evaluations are scattered into this buffer (rows of finished samples go stale).
+        self.fz_rows = torch.empty(B, D, dtype=z0.dtype, device=dev) if self.compact else None
         self.g, self.dg, self.dz = vec(), vec(), vec()
         self.z_best = self.z.clone()
         self.U = torch.zeros(B, memory, D, dtype=sdt, device=dev)
@@ -111,6 +113,9 @@ class _BroydenSolve:
         if use_reference:
             return _extension.ops(force_reference=True)
         if self.device.type == "cuda" and not _extension.build_info().get("cuda", False):
+            warnings.warn("deq_ext was built without CUDA kernels: solving on the GPU with the "
+                          "pure-PyTorch reference ops (slow). Rebuild with CUDA_HOME set.",
+                          RuntimeWarning, stacklevel=4)
             return _extension.ops(force_reference=True)
         return _extension.ops()
 
