@@ -62,6 +62,23 @@ def _default_cuda_home() -> None:
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _wheel_cuda_includes() -> list[str]:
+    """Header folders of the CUDA libraries that torch's pip packages ship (nvidia/*/include).
+
+    torch's CUDA headers include cusparse.h and friends, which a bare toolkit
+    such as /usr/local/cuda on our machines lacks. They go after every other
+    include path (-idirafter), so a full toolkit's own headers still win.
+    """
+    try:
+        import nvidia  # the namespace package of NVIDIA's pip wheels
+    except ImportError:
+        return []
+    found = []
+    for root in nvidia.__path__:
+        found += sorted(str(p) for p in Path(root).glob("*/include") if p.is_dir())
+    return found
+
+
 def extensions():
     _default_cuda_home()
     import torch
@@ -79,7 +96,11 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         token = "+".join(a.strip() for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip())
         defines += ["-DDEQ_EXT_WITH_CUDA", f"-DDEQ_EXT_CUDA_ARCHS={token}"]
-        extra = {"cxx": CONFIG["cxx_flags"] + defines, "nvcc": CONFIG["nvcc_flags"] + defines}
+        late = _wheel_cuda_includes()
+        extra = {
+            "cxx": CONFIG["cxx_flags"] + defines + [f for d in late for f in ("-idirafter", d)],
+            "nvcc": CONFIG["nvcc_flags"] + defines + [f"-Xcompiler=-idirafter,{d}" for d in late],
+        }
         sources += CONFIG["cuda_sources"]
         kind = cpp_extension.CUDAExtension
         print(f"deq_ext: building CPU and CUDA kernels for architectures {archs}")
