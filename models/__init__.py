@@ -1,0 +1,44 @@
+"""DEQ-Transformer and DEQ-TrellisNet (Bai, Kolter, Koltun 2019) on deq_ext, each also unrolled.
+
+    >>> from models import build_model
+    >>> model = build_model("deq_transformer_tiny")          # mode 'deq'
+    >>> out = model(tokens, targets)                          # out.loss, out.memory
+    >>> out = model(next_tokens, next_targets, out.memory)    # memory carried between segments
+    >>> model.set_mode("unrolled")                            # same parameters, f applied L times
+
+See the "Models" section of the README.
+"""
+
+from __future__ import annotations
+
+from .adaptive import TiedAdaptiveEmbedding
+from .attention import RelativeMultiHeadAttention
+from .lm import DEQLanguageModel, LMConfig, LMOutput, build_core
+from .modes import MODES, CoreOutput, ModeConfig, SequenceCore
+from .presets import PRESETS, Preset, build_model, count_parameters, get_preset
+from .transformer import DEQTransformerCell, DEQTransformerCore, TransformerConfig
+from .trellisnet import DEQTrellisNetCore, TrellisNetCell, TrellisNetConfig
+
+__all__ = [
+    "MODES",
+    "PRESETS",
+    "CoreOutput",
+    "DEQLanguageModel",
+    "DEQTransformerCell",
+    "DEQTransformerCore",
+    "DEQTrellisNetCore",
+    "LMConfig",
+    "LMOutput",
+    "ModeConfig",
+    "Preset",
+    "RelativeMultiHeadAttention",
+    "SequenceCore",
+    "TiedAdaptiveEmbedding",
+    "TransformerConfig",
+    "TrellisNetCell",
+    "TrellisNetConfig",
+    "build_core",
+    "build_model",
+    "count_parameters",
+    "get_preset",
+]

@@ -1,0 +1,149 @@
+"""DEQ-TrellisNet (paper, section 4): a weight-tied causal temporal convolution, LSTM-style gates.
+
+    x~ = Conv1D([x_hist, x]; W_x)                                  (input injection, once a segment)
+    a  = Conv1D([h_hist, h]; W_z) + x~                             (kernel k, dilation s, causal)
+    c' = sigmoid(a_f) * c_{t-1} + sigmoid(a_i) * tanh(a_g),   h' = sigmoid(a_o) * tanh(c')
+    f([h, c]; x) = [h', c']
+
+The state is z = [h, c] stacked on the channel dimension, ``(B, 2 * d_hidden, T)``. As in
+TrellisNet (Bai et al. 2019), the convolution reads the h half and the gate carries c from the
+previous time step; the history padding ((k - 1) * s positions of h, and the last c) comes from
+the previous segment's equilibrium, zeros before the first segment.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .modes import History, Masks, Memory, ModeConfig, SequenceCore, keep_last
+from .regularization import apply_mask, draw_mask, maybe_weight_norm
+
+
+@dataclass(frozen=True)
+class TrellisNetConfig:
+    """Size and regularization of a DEQ-TrellisNet core.
+
+    Attributes:
+        d_hidden: width of h (and of c); z has ``2 * d_hidden`` channels.
+        d_input: width of the core's input x (the embedding); None: ``d_hidden``.
+        kernel_size, dilation: k and s of the two causal convolutions.
+        weight_norm: weight normalization of both convolutions.
+        dropout: variational dropout rate on h where the convolution reads it.
+        init_std: std of the normal initialisation of W_z (the injection W_x is drawn with
+            std 1/sqrt(input width * kernel_size)).
+    """
+
+    d_hidden: int
+    d_input: Optional[int] = None
+    kernel_size: int = 2
+    dilation: int = 1
+    weight_norm: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.05
+
+    @property
+    def input_width(self) -> int:
+        """Width of x."""
+        return self.d_hidden if self.d_input is None else self.d_input
+
+    @property
+    def padding(self) -> int:
+        """(k - 1) * s: how far back the convolution reads."""
+        return (self.kernel_size - 1) * self.dilation
+
+
+def _conv(d_in: int, d_out: int, cfg: TrellisNetConfig, std: float, bias: bool) -> nn.Module:
+    conv = nn.Conv1d(d_in, d_out, cfg.kernel_size, dilation=cfg.dilation, bias=bias)
+    nn.init.normal_(conv.weight, 0.0, std)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return maybe_weight_norm(conv, cfg.weight_norm)
+
+
+class TrellisNetCell(nn.Module):
+    """f(z, inj, z_hist, h_mask) -> z, with z ``(B, 2 * d_hidden, T)``.
+
+    ``inj`` is ``(B, 4 * d_hidden, T)``; ``z_hist`` ``(B, 2 * d_hidden, P)`` holds at least
+    max((k - 1) * s, 1) positions of history; ``h_mask`` ``(B, d_hidden, 1)`` or None.
+    """
+
+    def __init__(self, cfg: TrellisNetConfig) -> None:
+        super().__init__()
+        self.d_hidden, self.padding = cfg.d_hidden, cfg.padding
+        self.conv = _conv(cfg.d_hidden, 4 * cfg.d_hidden, cfg, cfg.init_std, bias=False)
+
+    def forward(self, z: torch.Tensor, inj: torch.Tensor, z_hist: torch.Tensor,
+                h_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h, c = z.split(self.d_hidden, dim=1)
+        h_hist, c_hist = z_hist.split(self.d_hidden, dim=1)
+        h_seq = apply_mask(torch.cat([keep_last(h_hist, self.padding, 2), h], dim=2), h_mask)
+        a = self.conv(h_seq) + inj
+        c_prev = torch.cat([c_hist[..., -1:], c[..., :-1]], dim=2)
+        a_i, a_o, a_g, a_f = a.chunk(4, dim=1)
+        c_new = torch.sigmoid(a_f) * c_prev + torch.sigmoid(a_i) * torch.tanh(a_g)
+        h_new = torch.sigmoid(a_o) * torch.tanh(c_new)
+        # Under autocast the result may be bf16; the solver keeps z in one dtype.
+        return torch.cat([h_new, c_new], dim=1).to(z.dtype)
+
+
+class DEQTrellisNetCore(SequenceCore):
+    """The DEQ-TrellisNet core: x ``(B, T, d_input)`` -> h* ``(B, T, d_hidden)``.
+
+    Memory: ``(z_hist (B, 2 * d_hidden, max((k-1)s, 1)), x_hist (B, d_input, (k-1)s))``.
+    """
+
+    time_dim = 2
+
+    def __init__(self, cfg: TrellisNetConfig, modes: Optional[ModeConfig] = None) -> None:
+        super().__init__(TrellisNetCell(cfg), modes or ModeConfig())
+        self.cfg = cfg
+        std = 1.0 / math.sqrt(cfg.input_width * cfg.kernel_size)
+        self.injection = _conv(cfg.input_width, 4 * cfg.d_hidden, cfg, std, bias=True)
+
+    @property
+    def d_out(self) -> int:
+        """Width of :meth:`features`."""
+        return self.cfg.d_hidden
+
+    @property
+    def _z_hist_len(self) -> int:
+        # At least one position: the gate reads c of the step before the segment's first.
+        return max(self.cfg.padding, 1)
+
+    def init_memory(self, batch: int, device: torch.device) -> Memory:
+        dtype = self.state_dtype()
+        return (torch.zeros(batch, 2 * self.cfg.d_hidden, self._z_hist_len, dtype=dtype,
+                            device=device),
+                torch.zeros(batch, self.cfg.input_width, self.cfg.padding, dtype=dtype,
+                            device=device))
+
+    def inject(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
+        x_hist = memory[1]
+        return self.injection(torch.cat([x_hist.to(x.dtype), x.transpose(1, 2)], dim=2))
+
+    def history(self, memory: Memory) -> History:
+        return (memory[0],)
+
+    def extend_history(self, history: History, z: torch.Tensor, inj: torch.Tensor) -> History:
+        return (keep_last(torch.cat([history[0], z], dim=2), self._z_hist_len, 2),)
+
+    def next_memory(self, memory: Memory, x: torch.Tensor, z: torch.Tensor,
+                    inj: torch.Tensor) -> Memory:
+        (z_hist,) = self.extend_history(self.history(memory), z.detach(), inj)
+        x_hist = torch.cat([memory[1], x.detach().transpose(1, 2).to(memory[1].dtype)], dim=2)
+        return z_hist, keep_last(x_hist, self.cfg.padding, 2)
+
+    def draw_masks(self, batch: int, device: torch.device) -> Masks:
+        return (draw_mask(self.cfg.dropout, (batch, self.cfg.d_hidden, 1), dtype=self.state_dtype(),
+                          device=device, active=self.training),)
+
+    def state_shape(self, batch: int, length: int) -> tuple[int, ...]:
+        return (batch, 2 * self.cfg.d_hidden, length)
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        return z[:, : self.cfg.d_hidden].transpose(1, 2)
