@@ -242,12 +242,12 @@ class _BroydenSolve:
         self.finish()
 
     def finish(self) -> None:
-        best = self.best_rel if self.use_rel else self.best_abs
-        reached = best < self.tol
-        open_ = (self.status == Status.ACTIVE) | (self.status == Status.STALLED)
+        """Final statuses, with where() rather than masked assignment: no device sync."""
         if not self.per_sample:
-            self.status[open_ & reached] = int(Status.CONVERGED)
-        self.status[self.status == Status.ACTIVE] = int(Status.MAX_ITER)
+            best = self.best_rel if self.use_rel else self.best_abs
+            open_ = (self.status == Status.ACTIVE) | (self.status == Status.STALLED)
+            self.status = torch.where(open_ & (best < self.tol), int(Status.CONVERGED), self.status)
+        self.status = torch.where(self.status == Status.ACTIVE, int(Status.MAX_ITER), self.status)
 
     def result(self, return_final: bool, return_state: bool) -> SolverResult:
         z = self.z if return_final else self.z_best
@@ -326,7 +326,8 @@ def broyden(
         trace: record the residuals after every evaluation (``abs_trace``, ``rel_trace``).
         stop_early: check once per iteration whether any sample is still
             pending (one device-to-host read); with False exactly ``max_iter``
-            steps run, f sees the whole batch and the device is never synchronised.
+            steps run, f sees the whole batch and the loop never synchronises
+            with the device (only the up-front finiteness check of z0 does).
         return_state: attach the internal tensors to the result (for debugging/tests).
         use_reference: run the pure-PyTorch reference ops instead of the extension.
 
