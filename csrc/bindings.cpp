@@ -149,6 +149,92 @@ void broyden_expand_(const at::Tensor& U, const at::Tensor& V, const at::Tensor&
   }
 }
 
+void fixed_point_step_(const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                       double tau) {
+  check_same_device({{"z", &z}, {"g", &g}, {"status", &status}});
+  check_state_dtype(z);
+  check_state("g", g, z);
+  check_per_sample("status", status, z.size(0), at::kLong);
+  TORCH_CHECK(std::isfinite(tau) && tau > 0, "deq_ext: tau must be positive and finite, got ", tau);
+  if (z.size(0) == 0 || z.size(1) == 0) return;
+  if (z.is_cuda()) {
+#ifdef DEQ_EXT_WITH_CUDA
+    fixed_point_step_cuda(z, g, status, tau);
+#else
+    TORCH_CHECK(false, "deq_ext was built without CUDA kernels (deq_ext.build_info())");
+#endif
+  } else {
+    fixed_point_step_cpu(z, g, status, tau);
+  }
+}
+
+// Checks the history shared by both Anderson ops; z and g are (B, D) state.
+void check_anderson(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
+                    const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                    const at::Tensor& nhist) {
+  check_same_device({{"X", &X}, {"G", &G}, {"gram", &gram}, {"z", &z}, {"g", &g},
+                     {"status", &status}, {"nhist", &nhist}});
+  check_state_dtype(z);
+  check_state("g", g, z);
+  TORCH_CHECK(X.dim() == 3 && X.size(0) == z.size(0) && X.size(2) == z.size(1) && X.size(1) >= 1,
+              "deq_ext: 'X' must have shape (B, m, D) = (", z.size(0), ", m >= 1, ", z.size(1),
+              "), got ", X.sizes());
+  TORCH_CHECK(X.scalar_type() == z.scalar_type(), "deq_ext: 'X' has dtype ", X.scalar_type(),
+              ", expected ", z.scalar_type());
+  check_state("G", G, X);
+  const int64_t B = X.size(0), m = X.size(1);
+  TORCH_CHECK(gram.scalar_type() == z.scalar_type() && gram.dim() == 3 && gram.size(0) == B &&
+                  gram.size(1) == m && gram.size(2) == m,
+              "deq_ext: 'gram' must be (", B, ", ", m, ", ", m, ") of the state dtype, got ",
+              gram.sizes(), " ", gram.scalar_type());
+  check_per_sample("status", status, B, at::kLong);
+  check_per_sample("nhist", nhist, B, at::kLong);
+}
+
+void anderson_store_(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
+                     const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                     const at::Tensor& nhist) {
+  check_anderson(X, G, gram, z, g, status, nhist);
+  const AndersonArgs t{X, G, gram, z, g, at::Tensor(), at::Tensor(), status, nhist};
+  if (X.size(0) == 0 || X.size(2) == 0) return;
+  if (X.is_cuda()) {
+#ifdef DEQ_EXT_WITH_CUDA
+    anderson_store_cuda(t);
+#else
+    TORCH_CHECK(false, "deq_ext was built without CUDA kernels (deq_ext.build_info())");
+#endif
+  } else {
+    anderson_store_cpu(t);
+  }
+}
+
+void anderson_mix_(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
+                   const at::Tensor& z, const at::Tensor& alpha, const at::Tensor& fallback,
+                   const at::Tensor& status, const at::Tensor& nhist, double beta, double lam) {
+  check_anderson(X, G, gram, z, z, status, nhist);
+  check_same_device({{"z", &z}, {"alpha", &alpha}, {"fallback", &fallback}});
+  const int64_t B = X.size(0), m = X.size(1);
+  TORCH_CHECK(alpha.scalar_type() == z.scalar_type() && alpha.dim() == 2 && alpha.size(0) == B &&
+                  alpha.size(1) == m,
+              "deq_ext: 'alpha' must be (", B, ", ", m, ") of the state dtype, got ",
+              alpha.sizes(), " ", alpha.scalar_type());
+  check_per_sample("fallback", fallback, B, at::kLong);
+  const AndersonArgs t{X, G, gram, z, at::Tensor(), alpha, fallback, status, nhist};
+  TORCH_CHECK(std::isfinite(beta) && beta > 0, "deq_ext: beta must be positive and finite, got ",
+              beta);
+  TORCH_CHECK(std::isfinite(lam) && lam >= 0, "deq_ext: lam must be >= 0 and finite, got ", lam);
+  if (X.size(0) == 0 || X.size(2) == 0) return;
+  if (X.is_cuda()) {
+#ifdef DEQ_EXT_WITH_CUDA
+    anderson_mix_cuda(t, beta, lam);
+#else
+    TORCH_CHECK(false, "deq_ext was built without CUDA kernels (deq_ext.build_info())");
+#endif
+  } else {
+    anderson_mix_cpu(t, beta, lam);
+  }
+}
+
 #define DEQ_EXT_STR2(x) #x
 #define DEQ_EXT_STR(x) DEQ_EXT_STR2(x)
 
@@ -183,5 +269,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("broyden_expand_", &deq_ext::broyden_expand_, "U"_a, "V"_a, "dz"_a, "dg"_a, "g"_a,
         "z"_a, "proj"_a, "scal"_a, "status"_a, "npairs"_a,
         "Fused expansion pass: store the new pair, form the next step, move z (in place).");
+  m.def("fixed_point_step_", &deq_ext::fixed_point_step_, "z"_a, "g"_a, "status"_a, "tau"_a,
+        "Damped fixed-point step z += tau * g (in place).");
+  m.def("anderson_store_", &deq_ext::anderson_store_, "X"_a, "G"_a, "gram"_a, "z"_a, "g"_a,
+        "status"_a, "nhist"_a,
+        "Store the newest iterate and residual and their Gram row (in place).");
+  m.def("anderson_mix_", &deq_ext::anderson_mix_, "X"_a, "G"_a, "gram"_a, "z"_a, "alpha"_a,
+        "fallback"_a, "status"_a, "nhist"_a, "beta"_a, "lam"_a,
+        "Anderson weights per sample, then z = sum_i alpha_i (X_i + beta G_i) (in place).");
   m.def("build_info", &deq_ext::build_info, "What was compiled: CPU, CUDA, architectures.");
 }

@@ -18,14 +18,29 @@ struct HistoryArgs {
   at::Tensor U, V, dz, dg, g, z, proj, scal, status, npairs;
 };
 
+// Anderson history: iterates X and residuals G (B, m, D), their Gram matrix
+// gram (B, m, m), mixing weights alpha (B, m), per-sample counters. The store
+// op leaves alpha and fallback undefined; the mix op leaves g undefined.
+struct AndersonArgs {
+  at::Tensor X, G, gram, z, g, alpha, fallback, status, nhist;
+};
+
 void residual_status_cpu(const ResidualArgs& t, const StatusParams& p);
 void broyden_reduce_cpu(const HistoryArgs& t);
 void broyden_expand_cpu(const HistoryArgs& t);
+void fixed_point_step_cpu(const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                          double tau);
+void anderson_store_cpu(const AndersonArgs& t);
+void anderson_mix_cpu(const AndersonArgs& t, double beta, double lam);
 
 #ifdef DEQ_EXT_WITH_CUDA
 void residual_status_cuda(const ResidualArgs& t, const StatusParams& p);
 void broyden_reduce_cuda(const HistoryArgs& t);
 void broyden_expand_cuda(const HistoryArgs& t);
+void fixed_point_step_cuda(const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                           double tau);
+void anderson_store_cuda(const AndersonArgs& t);
+void anderson_mix_cuda(const AndersonArgs& t, double beta, double lam);
 #endif
 
 }  // namespace deq_ext

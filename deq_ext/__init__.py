@@ -17,7 +17,7 @@ from ._extension import available as extension_available
 from ._extension import build_info
 from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings
 from .result import SolverResult
-from .solvers import SOLVERS, broyden, solve
+from .solvers import SOLVERS, anderson, broyden, fixed_point, solve
 from .status import Status
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "SOLVERS",
     "SolverSettings",
     "SolverStats",
+    "anderson",
     "compat",
     "deq_fixed_point",
     "paper_settings",
@@ -35,6 +36,7 @@ __all__ = [
     "broyden",
     "build_info",
     "extension_available",
+    "fixed_point",
     "reference",
     "solve",
 ]

@@ -88,6 +88,7 @@ class Config:
     """Everything that determines a run (resolved from the command line)."""
 
     device: str
+    method: str
     dtype: str
     batch: int
     dim: int
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="auto",
                    help="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--method", choices=("broyden", "anderson", "fixed_point"), default="broyden",
+                   help="deq_ext method, timed against torchdeq's counterpart (broyden_solver, "
+                        "anderson_solver, fixed_point_iter); the bandwidth section is Broyden's")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of z and of the solver state")
     p.add_argument("--batch", type=int, default=None, help="batch size B (default 32; --quick: 4)")
@@ -149,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho-max", type=float, default=RHO_MAX,
                    help="contraction factor of the slowest-converging sample (< 1)")
     p.add_argument("--memory", type=int, default=None,
-                   help="history size m; torchdeq gets LBFGS_thres equal to it (default: max-iter)")
+                   help="history size m; torchdeq gets the same (LBFGS_thres / m) "
+                        "(default: max-iter for broyden, 5 for anderson)")
     p.add_argument("--repeat", type=int, default=None,
                    help="timed rounds, solvers interleaved in each round; medians are reported "
                         "(default 3; --quick: 1)")
@@ -176,7 +181,7 @@ def resolve_config(ns: argparse.Namespace) -> Config:
     batch = ns.batch if ns.batch is not None else (4 if quick else 32)
     dim = ns.dim if ns.dim is not None else (256 if quick else 8192)
     max_iter = ns.max_iter if ns.max_iter is not None else (30 if quick else 60)
-    memory = ns.memory if ns.memory is not None else max_iter
+    memory = ns.memory if ns.memory is not None else (5 if ns.method == "anderson" else max_iter)
     repeat = ns.repeat if ns.repeat is not None else (1 if quick else 3)
     for name, value in (("batch", batch), ("dim", dim), ("max-iter", max_iter),
                         ("memory", memory), ("repeat", repeat)):
@@ -188,10 +193,11 @@ def resolve_config(ns: argparse.Namespace) -> Config:
         raise SystemExit(f"need 0 < --rho-min <= --rho-max < 1, got {ns.rho_min}, {ns.rho_max}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
-    return Config(device=device, dtype=ns.dtype, batch=batch, dim=dim, max_iter=max_iter,
+    return Config(device=device, method=ns.method, dtype=ns.dtype, batch=batch, dim=dim, max_iter=max_iter,
                   tol=float(ns.tol), rho_min=ns.rho_min, rho_max=ns.rho_max, memory=memory, repeat=repeat, quick=quick,
                   compact=not ns.no_compact, seed=ns.seed, torchdeq=not ns.no_torchdeq,
-                  reference=not ns.no_reference, bandwidth=not ns.no_bandwidth, out=ns.out,
+                  reference=not ns.no_reference,
+                  bandwidth=not ns.no_bandwidth and ns.method == "broyden", out=ns.out,
                   bw=_bandwidth_sizes(device, quick))
 
 
@@ -299,27 +305,35 @@ Runner = Callable[[Problem, Config, TimedF], tuple[torch.Tensor, torch.Tensor]]
 """Solves the problem with f = the timed wrapper; returns (z, iterations per sample)."""
 
 
+def _method_options(cfg: Config) -> dict[str, Any]:
+    return {} if cfg.method == "fixed_point" else {"memory": cfg.memory}
+
+
 def _run_deq_ext(use_reference: bool, compact: bool) -> Runner:
     def run(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.Tensor, torch.Tensor]:
+        opts = dict(method=cfg.method, max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
+                    use_reference=use_reference, **_method_options(cfg))
         if compact:
             # x and rho as batched inputs: f is then only evaluated on the active samples.
-            res = deq_ext.broyden(timed, problem.z0, inputs=(problem.x, problem.rho),
-                                  max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
-                                  memory=cfg.memory, use_reference=use_reference)
+            res = deq_ext.solve(timed, problem.z0, inputs=(problem.x, problem.rho), **opts)
         else:
-            res = deq_ext.broyden(lambda z: timed(z, problem.x, problem.rho), problem.z0,
-                                  compact=False, max_iter=cfg.max_iter, tol=cfg.tol,
-                                  stop_mode="abs", memory=cfg.memory, use_reference=use_reference)
+            res = deq_ext.solve(lambda z: timed(z, problem.x, problem.rho), problem.z0,
+                                compact=False, **opts)
         return res.z, res.nstep
     return run
 
 
 def _run_torchdeq(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchdeq.solver.broyden import broyden_solver
+    from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
 
-    z, _, _ = broyden_solver(lambda z: timed(z, problem.x, problem.rho), problem.z0,
-                             max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
-                             LBFGS_thres=cfg.memory)
+    f = lambda z: timed(z, problem.x, problem.rho)  # noqa: E731
+    common = dict(max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs")
+    if cfg.method == "broyden":
+        z, _, _ = broyden_solver(f, problem.z0, LBFGS_thres=cfg.memory, **common)
+    elif cfg.method == "anderson":
+        z, _, _ = anderson_solver(f, problem.z0, m=cfg.memory, **common)
+    else:
+        z, _, _ = fixed_point_iter(f, problem.z0, **common)
     # The whole batch iterates together: every sample took the loop's step count
     # (one evaluation before the loop, one per step, no line search).
     steps = torch.full((cfg.batch,), timed.calls - 1, dtype=torch.int64)
@@ -328,7 +342,7 @@ def _run_torchdeq(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.T
 
 def torchdeq_available() -> bool:
     try:
-        from torchdeq.solver.broyden import broyden_solver  # noqa: F401
+        from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter  # noqa: F401
     except ImportError:
         return False
     return True
@@ -683,7 +697,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"problem: B={cfg['batch']} D={cfg['dim']} {cfg['dtype']} on {cfg['device']}, "
         f"f = rho_b*tanh(z@W)+x_b (W {results['problem']['block']}x{results['problem']['block']}, "
         f"||W||=1), rho {cfg['rho_min']}..{cfg['rho_max']}",
-        f"solve: max_iter={cfg['max_iter']} tol={cfg['tol']:g} (abs) memory={cfg['memory']} "
+        f"solve: {cfg['method']} max_iter={cfg['max_iter']} tol={cfg['tol']:g} (abs) memory={cfg['memory']} "
         f"compact={cfg['compact']}; medians of {cfg['repeat']} interleaved round(s) after one warm-up",
         "",
     ]

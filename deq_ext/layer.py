@@ -41,7 +41,11 @@ class SolverSettings:
     options: dict = field(default_factory=dict)
 
     def solver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the solver; ``memory=None`` (the solver's default) is left out,
+        so methods without a history (fixed point) accept the same settings."""
         kw = {k: v for k, v in asdict(self).items() if k not in ("method", "options")}
+        if kw["memory"] is None:
+            del kw["memory"]
         kw.update(self.options)
         return kw
 

@@ -224,6 +224,109 @@ def broyden_expand_(
     z.index_copy_(0, idx, z.index_select(0, idx) + step)
 
 
+def fixed_point_step_(z: torch.Tensor, g: torch.Tensor, status: torch.Tensor, tau: float) -> None:
+    """Damped fixed-point step ``z += tau * g`` (g = f(z) - z) for every active sample."""
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    step = (tau * g.index_select(0, idx).to(torch.float64)).to(z.dtype)
+    z.index_copy_(0, idx, z.index_select(0, idx) + step)
+
+
+def anderson_store_(
+    X: torch.Tensor,
+    G: torch.Tensor,
+    gram: torch.Tensor,
+    z: torch.Tensor,
+    g: torch.Tensor,
+    status: torch.Tensor,
+    nhist: torch.Tensor,
+) -> None:
+    """Store the newest iterate and residual, and its row of the residual Gram matrix.
+
+    For every active sample, with slot = nhist % m (the oldest entry once the
+    ring is full): ``X[b, slot] = z``, ``G[b, slot] = g``, and
+    ``gram[b, slot, i] = gram[b, i, slot] = g . G[b, i]`` for every stored
+    entry i (the new one included); then ``nhist += 1``.
+    """
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    m = X.shape[1]
+    for b in idx.tolist():
+        slot = int(nhist[b]) % m
+        X[b, slot] = z[b]
+        G[b, slot] = g[b]
+        n = min(int(nhist[b]) + 1, m)
+        dots = (G[b, :n].to(torch.float64) @ g[b].to(torch.float64)).to(gram.dtype)
+        gram[b, slot, :n] = dots
+        gram[b, :n, slot] = dots
+    nhist.index_add_(0, idx, torch.ones_like(idx))
+
+
+def anderson_weights(gram: torch.Tensor, newest: int, lam: float) -> tuple[torch.Tensor, bool]:
+    """Mixing weights of one sample from its (n, n) Gram matrix (see anderson_math.h).
+
+    ``alpha = a / sum(a)`` with ``(K + lam * s I) a = 1``, s the smallest positive
+    diagonal entry of K; on a failed
+    factorisation or non-finite weights: the newest entry alone, and ok False.
+    """
+    K = gram.to(torch.float64)
+    n = K.shape[0]
+    diag = K.diagonal()
+    fallback = torch.zeros(n, dtype=torch.float64, device=K.device)
+    fallback[newest] = 1.0
+    if not bool(torch.isfinite(diag).all()):
+        return fallback, False
+    positive = diag[diag > 0]
+    ridge = lam * (float(positive.min()) if positive.numel() else 1.0)
+    L, info = torch.linalg.cholesky_ex(K + ridge * torch.eye(n, dtype=torch.float64, device=K.device))
+    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+        return fallback, False
+    a = torch.cholesky_solve(torch.ones(n, 1, dtype=torch.float64, device=K.device), L).flatten()
+    total = a.sum()
+    alpha = a / total
+    if not bool(torch.isfinite(total)) or float(total.abs()) <= torch.finfo(gram.dtype).tiny \
+            or not bool(torch.isfinite(alpha).all()):
+        return fallback, False
+    return alpha, True
+
+
+def anderson_mix_(
+    X: torch.Tensor,
+    G: torch.Tensor,
+    gram: torch.Tensor,
+    z: torch.Tensor,
+    alpha: torch.Tensor,
+    fallback: torch.Tensor,
+    status: torch.Tensor,
+    nhist: torch.Tensor,
+    beta: float,
+    lam: float,
+) -> None:
+    """Anderson step: weights from the Gram matrix, then ``z = sum_i alpha_i (X_i + beta G_i)``.
+
+    For every active sample with n = min(nhist, m) stored entries (the newest
+    in slot (nhist - 1) % m): ``alpha[b, :n]`` gets the weights of
+    :func:`anderson_weights` (0 beyond n) and ``fallback[b] += 1`` when they
+    fell back to the newest entry alone.
+    """
+    idx = _active_index(status)
+    if idx.numel() == 0:
+        return
+    m = X.shape[1]
+    for b in idx.tolist():
+        n = min(int(nhist[b]), m)
+        newest = (int(nhist[b]) - 1) % m
+        w, ok = anderson_weights(gram[b, :n, :n], newest, lam)
+        alpha[b].zero_()
+        alpha[b, :n] = w.to(alpha.dtype)
+        if not ok:
+            fallback[b] += 1
+        mixed = (X[b, :n].to(torch.float64) + beta * G[b, :n].to(torch.float64))
+        z[b] = (alpha[b, :n].to(torch.float64) @ mixed).to(z.dtype)
+
+
 def new_scratch(batch: int, m: int, dtype: torch.dtype, device: torch.device):
     """Scratch tensors ``(proj, scal)`` for the reduction/expansion passes."""
     proj = torch.zeros(batch, 3, m, dtype=dtype, device=device)
@@ -236,4 +339,8 @@ __all__ = [
     "broyden_reduce",
     "broyden_expand_",
     "new_scratch",
+    "fixed_point_step_",
+    "anderson_store_",
+    "anderson_weights",
+    "anderson_mix_",
 ]

@@ -26,6 +26,8 @@ class SolverResult:
         abs_trace, rel_trace: ``(B, T)`` residuals after every evaluation, when
             ``trace=True`` (a finished sample repeats its last value).
         state: the solver's internal tensors, when ``return_state=True``.
+        fallbacks: Anderson only: per sample, the steps whose mixing weights
+            could not be solved for and fell back to a plain damped step.
     """
 
     z: torch.Tensor
@@ -37,6 +39,7 @@ class SolverResult:
     abs_trace: Optional[torch.Tensor] = None
     rel_trace: Optional[torch.Tensor] = None
     state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+    fallbacks: Optional[torch.Tensor] = None
 
     @property
     def converged(self) -> torch.Tensor:

@@ -1,8 +1,6 @@
-// CPU kernels: parallel over (active sample, fixed-size chunk of D).
-//
-// Partial sums are taken per fixed chunk and combined in chunk order, so the
-// result does not depend on the number of threads. Accumulation is in double
-// (at::acc_type on CPU), like the reference twin.
+// CPU kernels of the Broyden solver: parallel over (active sample, fixed-size
+// chunk of D); see chunks.h. Accumulation is in double (at::acc_type on CPU),
+// like the reference twin.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,70 +9,13 @@
 #include <vector>
 
 #include "../ops.h"
+#include "chunks.h"
 
 namespace deq_ext {
 namespace {
 
-constexpr int64_t kChunk = 4096;
-// Independent partial sums per dot product: they break the add dependency
-// chain so the compiler can vectorize, in a fixed order (deterministic).
-constexpr int64_t kLanes = 8;
-constexpr int64_t kSubBlock = 512;
+// Pairs accumulated together in the expansion pass.
 constexpr int64_t kPairGroup = 4;
-
-template <typename acc_t>
-acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
-  acc_t s = 0;
-  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
-}
-
-// Three dot products over [lo, hi) in one read of x, y, p, q, r:
-// x.p, y.q and y.r (the reduction pass reads each history row once).
-template <typename scalar_t, typename acc_t>
-void dot3(const scalar_t* x, const scalar_t* y, const scalar_t* p, const scalar_t* q,
-          const scalar_t* r, int64_t lo, int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr) {
-  acc_t a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
-  int64_t d = lo;
-  for (; d + kLanes <= hi; d += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
-      a[l] += static_cast<acc_t>(x[d + l]) * p[d + l];
-      b[l] += static_cast<acc_t>(y[d + l]) * q[d + l];
-      c[l] += static_cast<acc_t>(y[d + l]) * r[d + l];
-    }
-  }
-  for (int64_t l = 0; d < hi; ++d, ++l) {
-    a[l] += static_cast<acc_t>(x[d]) * p[d];
-    b[l] += static_cast<acc_t>(y[d]) * q[d];
-    c[l] += static_cast<acc_t>(y[d]) * r[d];
-  }
-  *xp = sum_lanes(a);
-  *yq = sum_lanes(b);
-  *yr = sum_lanes(c);
-}
-
-std::vector<int64_t> active_samples(const at::Tensor& status) {
-  const int64_t* s = status.data_ptr<int64_t>();
-  std::vector<int64_t> act;
-  for (int64_t b = 0; b < status.size(0); ++b)
-    if (s[b] == kActive) act.push_back(b);
-  return act;
-}
-
-int64_t num_chunks(int64_t D) { return std::max<int64_t>(1, (D + kChunk - 1) / kChunk); }
-
-// Runs body(sample, lo, hi) over every (active sample, chunk) pair in parallel.
-template <typename Body>
-void for_each_chunk(const std::vector<int64_t>& act, int64_t D, const Body& body) {
-  const int64_t nch = num_chunks(D);
-  const int64_t items = static_cast<int64_t>(act.size()) * nch;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t i = it / nch, c = it % nch;
-      body(i, act[i], c, c * kChunk, std::min(D, (c + 1) * kChunk));
-    }
-  });
-}
 
 template <typename scalar_t, typename fz_t>
 void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {

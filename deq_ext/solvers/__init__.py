@@ -7,16 +7,23 @@ from typing import Callable
 import torch
 
 from ..result import SolverResult
+from .anderson import anderson
 from .broyden import broyden
+from .fixed_point import fixed_point
 
-SOLVERS: dict[str, Callable[..., SolverResult]] = {"broyden": broyden}
+SOLVERS: dict[str, Callable[..., SolverResult]] = {
+    "broyden": broyden,
+    "anderson": anderson,
+    "fixed_point": fixed_point,
+}
 
 
 def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, method: str = "broyden",
           **options) -> SolverResult:
     """Solve ``z = f(z)`` with the named method; ``options`` go to that solver.
 
-    Available methods: the keys of :data:`SOLVERS` (``'broyden'``).
+    Available methods: the keys of :data:`SOLVERS` (``'broyden'``, ``'anderson'``,
+    ``'fixed_point'``).
     """
     try:
         solver = SOLVERS[method]
@@ -25,4 +32,4 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, method: s
     return solver(f, z0, **options)
 
 
-__all__ = ["SOLVERS", "broyden", "solve"]
+__all__ = ["SOLVERS", "anderson", "broyden", "fixed_point", "solve"]

@@ -1,0 +1,129 @@
+// CPU kernels of Anderson acceleration and damped fixed-point iteration.
+// Same structure as broyden_cpu.cpp: parallel over (active sample, fixed chunk
+// of D), partial sums combined in chunk order, accumulation in double.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/anderson_math.h"
+#include "../ops.h"
+#include "chunks.h"
+
+namespace deq_ext {
+namespace {
+
+template <typename scalar_t>
+void fixed_point_impl(const at::Tensor& zt, const at::Tensor& gt, const at::Tensor& status,
+                      double tau) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(status);
+  const int64_t D = zt.size(1);
+  scalar_t* z = zt.data_ptr<scalar_t>();
+  const scalar_t* g = gt.data_ptr<scalar_t>();
+  for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
+    for (int64_t d = b * D + lo; d < b * D + hi; ++d)
+      z[d] = z[d] + static_cast<scalar_t>(static_cast<acc_t>(tau) * g[d]);
+  });
+}
+
+template <typename scalar_t>
+void store_impl(const AndersonArgs& t) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(t.status);
+  if (act.empty()) return;
+  const int64_t m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
+  scalar_t* X = t.X.data_ptr<scalar_t>();
+  scalar_t* G = t.G.data_ptr<scalar_t>();
+  const scalar_t* z = t.z.data_ptr<scalar_t>();
+  const scalar_t* g = t.g.data_ptr<scalar_t>();
+  int64_t* nhist = t.nhist.data_ptr<int64_t>();
+  // part[i, c, j] = g . G_j over chunk c, for the entries j kept after the store.
+  std::vector<acc_t> part(act.size() * nch * m, acc_t(0));
+  for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
+    const int64_t slot = nhist[b] % m, n = std::min(nhist[b] + 1, m);
+    const scalar_t* gb = g + b * D;
+    acc_t* out = part.data() + (i * nch + c) * m;
+    for (int64_t j = 0; j < n; ++j) {
+      // The slot's old entry is being replaced: its product is with g itself.
+      const scalar_t* gj = j == slot ? gb : G + (b * m + j) * D;
+      out[j] = dot<scalar_t, acc_t>(gj, gb, lo, hi);
+    }
+    std::copy(z + b * D + lo, z + b * D + hi, X + (b * m + slot) * D + lo);
+    std::copy(gb + lo, gb + hi, G + (b * m + slot) * D + lo);
+  });
+  scalar_t* gram = t.gram.data_ptr<scalar_t>();
+  for (size_t i = 0; i < act.size(); ++i) {
+    const int64_t b = act[i], slot = nhist[b] % m, n = std::min(nhist[b] + 1, m);
+    for (int64_t j = 0; j < n; ++j) {
+      acc_t tot = 0;
+      for (int64_t c = 0; c < static_cast<int64_t>(nch); ++c) tot += part[(i * nch + c) * m + j];
+      gram[(b * m + slot) * m + j] = static_cast<scalar_t>(tot);
+      gram[(b * m + j) * m + slot] = static_cast<scalar_t>(tot);
+    }
+    nhist[b] += 1;
+  }
+}
+
+template <typename scalar_t>
+void mix_impl(const AndersonArgs& t, double beta, double lam) {
+  using acc_t = at::acc_type<scalar_t, false>;
+  const auto act = active_samples(t.status);
+  if (act.empty()) return;
+  const int64_t m = t.X.size(1), D = t.X.size(2);
+  const scalar_t* gram = t.gram.data_ptr<scalar_t>();
+  scalar_t* alpha = t.alpha.data_ptr<scalar_t>();
+  int64_t* fallback = t.fallback.data_ptr<int64_t>();
+  const int64_t* nhist = t.nhist.data_ptr<int64_t>();
+  std::vector<acc_t> K(m * m), work(m * m), w(m);
+  for (int64_t b : act) {
+    const int64_t n = std::min(nhist[b], m), newest = (nhist[b] - 1) % m;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) K[i * n + j] = gram[(b * m + i) * m + j];
+    if (!anderson_weights<acc_t>(K.data(), n, n, newest, lam, work.data(), w.data()))
+      fallback[b] += 1;
+    for (int64_t i = 0; i < m; ++i) alpha[b * m + i] = static_cast<scalar_t>(i < n ? w[i] : 0);
+  }
+  const scalar_t* X = t.X.data_ptr<scalar_t>();
+  const scalar_t* G = t.G.data_ptr<scalar_t>();
+  scalar_t* z = t.z.data_ptr<scalar_t>();
+  const acc_t bt = static_cast<acc_t>(beta);
+  for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
+    const int64_t n = std::min(nhist[b], m);
+    acc_t acc[kSubBlock];
+    for (int64_t lo2 = lo; lo2 < hi; lo2 += kSubBlock) {
+      const int64_t len = std::min(kSubBlock, hi - lo2);
+      std::fill(acc, acc + len, acc_t(0));
+      for (int64_t j = 0; j < n; ++j) {
+        const acc_t a = alpha[b * m + j];
+        const scalar_t* x = X + (b * m + j) * D + lo2;
+        const scalar_t* r = G + (b * m + j) * D + lo2;
+        for (int64_t d = 0; d < len; ++d)
+          acc[d] += a * (static_cast<acc_t>(x[d]) + bt * static_cast<acc_t>(r[d]));
+      }
+      for (int64_t d = 0; d < len; ++d) z[b * D + lo2 + d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+}  // namespace
+
+void fixed_point_step_cpu(const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
+                          double tau) {
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fixed_point_step_cpu",
+                             [&] { fixed_point_impl<scalar_t>(z, g, status, tau); });
+}
+
+void anderson_store_cpu(const AndersonArgs& t) {
+  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_store_cpu",
+                             [&] { store_impl<scalar_t>(t); });
+}
+
+void anderson_mix_cpu(const AndersonArgs& t, double beta, double lam) {
+  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_mix_cpu",
+                             [&] { mix_impl<scalar_t>(t, beta, lam); });
+}
+
+}  // namespace deq_ext

@@ -1,0 +1,255 @@
+"""What every per-sample masked solver shares: state, f evaluation, compaction, the loop.
+
+A solve keeps its state in flat ``(B, D)`` tensors and per-sample ``(B,)``
+vectors (DESIGN.md). After every evaluation of f the fused ``residual_status_``
+op updates residuals, the lowest-residual iterate and the status of every
+active sample; a method (Broyden, Anderson, fixed point) only supplies
+``step()``, which moves z for the active samples with its own extension ops.
+Samples that converged, diverged or stalled are frozen bit for bit, and nothing
+a sample gets depends on which other samples share its batch. The loop reads
+one number from the device per iteration (the pending count) and none at all
+with ``stop_early=False``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from .. import _extension
+from ..result import SolverResult
+from ..status import Status
+
+Func = Callable[..., torch.Tensor]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_common(f, z0: torch.Tensor, max_iter: int, tol: float, stop_mode: str,
+                    stall_patience: int, diverge_ratio: float) -> None:
+    """Checks shared by every solver; raises a clear TypeError/ValueError."""
+    if not callable(f):
+        raise TypeError(f"f must be callable, got {type(f).__name__}")
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"z0 must be a float16/bfloat16/float32/float64 tensor, got {z0.dtype}")
+    if z0.dim() < 1:
+        raise ValueError("z0 must be batched on dim 0: shape (B, ...), got a 0-d tensor")
+    if not _is_int(max_iter) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if stop_mode not in ("abs", "rel"):
+        raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+    if not _is_int(stall_patience):
+        raise ValueError(f"stall_patience must be an integer (<= 0 disables), got {stall_patience!r}")
+    if not (isinstance(diverge_ratio, (int, float)) and diverge_ratio > 1):
+        raise ValueError(f"diverge_ratio must be a number > 1 (math.inf disables), got {diverge_ratio!r}")
+
+
+def validate_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def validate_positive(name: str, value, upper: Optional[float] = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value > 0 and (upper is None or value <= upper)
+    if not ok:
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be a positive finite number{bound}, got {value!r}")
+
+
+class MaskedSolve:
+    """State and loop of one batched solve; subclasses implement :meth:`step`."""
+
+    def __init__(self, f: Func, z0: torch.Tensor, *, inputs: tuple, compact: bool, max_iter: int,
+                 tol: float, stop_mode: str, per_sample: bool, stall_patience: int,
+                 diverge_ratio: float, trace: bool, stop_early: bool,
+                 use_reference: bool) -> None:
+        self.f, self.inputs = f, inputs
+        # Compaction needs the active count on the host, which only stop_early reads.
+        self.compact = compact and stop_early
+        self.shape, self.dtype, self.device = z0.shape, z0.dtype, z0.device
+        self.max_iter, self.tol, self.use_rel = max_iter, float(tol), stop_mode == "rel"
+        self.per_sample, self.stall_patience = per_sample, stall_patience
+        self.diverge_ratio = float(diverge_ratio)
+        self.trace, self.stop_early = trace, stop_early
+        self.ops = self._pick_ops(use_reference)
+
+        B = z0.shape[0]
+        self.B, self.D = B, z0.numel() // B
+        self.state_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        self.batched = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
+                        for x in inputs]
+        self.z = z0.detach().reshape(B, self.D).to(self.state_dtype).clone()
+        # Compacted evaluations are scattered into this buffer (rows of finished samples go stale).
+        self.fz_rows = torch.empty(B, self.D, dtype=z0.dtype, device=self.device) if self.compact else None
+        self.g, self.dg = self.zeros(self.D), self.zeros(self.D)
+        self.z_best = self.z.clone()
+        self.best_abs, self.best_rel = self.full(math.inf), self.full(math.inf)
+        self.res_abs, self.res_rel = self.full(math.inf), self.full(math.inf)
+        self.status = self.full(int(Status.ACTIVE), torch.int64)
+        self.nstep, self.nfev, self.stall = (self.full(0, torch.int64) for _ in range(3))
+        self.abs_trace: list[torch.Tensor] = []
+        self.rel_trace: list[torch.Tensor] = []
+
+    def zeros(self, *shape: int) -> torch.Tensor:
+        """A zeroed per-sample state tensor ``(B, *shape)`` of the state dtype."""
+        return torch.zeros(self.B, *shape, dtype=self.state_dtype, device=self.device)
+
+    def full(self, fill: float, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """A per-sample vector ``(B,)`` (state dtype unless given)."""
+        return torch.full((self.B,), fill, dtype=dtype or self.state_dtype, device=self.device)
+
+    def _pick_ops(self, use_reference: bool):
+        if use_reference:
+            return _extension.ops(force_reference=True)
+        if self.device.type == "cuda" and not _extension.build_info().get("cuda", False):
+            warnings.warn("deq_ext was built without CUDA kernels: solving on the GPU with the "
+                          "pure-PyTorch reference ops (slow). Rebuild with CUDA_HOME set.",
+                          RuntimeWarning, stacklevel=5)
+            return _extension.ops(force_reference=True)
+        return _extension.ops()
+
+    # -- f and the fused ops ---------------------------------------------------------------
+    def evaluate(self, z: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """f at z, checked and flattened to (B, D).
+
+        With ``rows`` (compaction), f only sees those samples, and of every
+        batched input the same rows; the other rows of the result are stale and
+        must not be read (the masked ops don't).
+        """
+        if rows is None:
+            out = self.f(z.view(self.shape).to(self.dtype), *self.inputs)
+            return self._checked(out, self.shape).reshape(self.B, self.D).contiguous()
+        n = rows.numel()
+        inputs = [x.index_select(0, rows) if batched else x
+                  for x, batched in zip(self.inputs, self.batched)]
+        shape = (n,) + tuple(self.shape[1:])
+        out = self.f(z.index_select(0, rows).view(shape).to(self.dtype), *inputs)
+        self.fz_rows.index_copy_(0, rows, self._checked(out, shape).reshape(n, self.D))
+        return self.fz_rows
+
+    def _checked(self, out, shape) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"f must return a tensor of its input's shape {tuple(shape)}, got {tuple(out.shape)}")
+        if out.dtype != self.dtype:
+            raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype}")
+        if out.device != self.device:
+            raise ValueError(f"f must return a tensor on z0's device {self.device}, got {out.device}")
+        return out
+
+    def rows_of(self, mask: torch.Tensor, count: int) -> Optional[torch.Tensor]:
+        """Indices of the ``count`` samples in ``mask`` (None: all of them), without a sync."""
+        if not self.compact or count == self.B:
+            return None
+        return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+
+    def record(self, fz: torch.Tensor, count_step: bool) -> None:
+        self.ops.residual_status_(
+            fz, self.z, self.g, self.dg, self.z_best, self.best_abs, self.best_rel,
+            self.res_abs, self.res_rel, self.status, self.nstep, self.nfev, self.stall,
+            self.tol, self.use_rel, self.stall_patience, self.diverge_ratio, count_step,
+            self.per_sample)
+        if self.trace:
+            self.abs_trace.append(self.res_abs.clone())
+            self.rel_trace.append(self.res_rel.clone())
+
+    def step(self) -> None:
+        """Move z for the active samples (one solver step)."""
+        raise NotImplementedError
+
+    def after_evaluation(self, fz: torch.Tensor) -> torch.Tensor:
+        """Hook between evaluating f at the new z and recording it (Broyden's line search)."""
+        return fz
+
+    def pending(self) -> torch.Tensor:
+        """Mask of the samples the loop still has to wait for."""
+        active = self.status == Status.ACTIVE
+        if self.per_sample:
+            return active
+        objective = self.res_rel if self.use_rel else self.res_abs
+        return active & ~(objective < self.tol)
+
+    def counts(self) -> tuple[int, int]:
+        """(pending, active) sample counts: the loop's one device-to-host read."""
+        active = self.status == Status.ACTIVE
+        n_pending, n_active = torch.stack([self.pending().sum(), active.sum()]).tolist()
+        return int(n_pending), int(n_active)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        self.record(self.evaluate(self.z), count_step=False)
+        for _ in range(self.max_iter):
+            rows = None
+            if self.stop_early:
+                n_pending, n_active = self.counts()
+                if n_pending == 0:
+                    break
+                rows = self.rows_of(self.status == Status.ACTIVE, n_active)
+            self.step()
+            fz = self.after_evaluation(self.evaluate(self.z, rows))
+            self.record(fz, count_step=True)
+        self.finish()
+
+    def finish(self) -> None:
+        """Final statuses, with where() rather than masked assignment: no device sync."""
+        if not self.per_sample:
+            best = self.best_rel if self.use_rel else self.best_abs
+            open_ = (self.status == Status.ACTIVE) | (self.status == Status.STALLED)
+            self.status = torch.where(open_ & (best < self.tol), int(Status.CONVERGED), self.status)
+        self.status = torch.where(self.status == Status.ACTIVE, int(Status.MAX_ITER), self.status)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The internal tensors attached with ``return_state=True``."""
+        names = ("z", "g", "dg", "z_best", "best_abs", "best_rel")
+        return {n: getattr(self, n) for n in names}
+
+    def result(self, return_final: bool, return_state: bool) -> SolverResult:
+        z = self.z if return_final else self.z_best
+        res_abs = self.res_abs if return_final else self.best_abs
+        res_rel = self.res_rel if return_final else self.best_rel
+        return SolverResult(
+            z=z.view(self.shape).to(self.dtype),
+            abs_residual=res_abs.clone(), rel_residual=res_rel.clone(),
+            nstep=self.nstep, nfev=self.nfev, status=self.status,
+            abs_trace=torch.stack(self.abs_trace, 1) if self.trace else None,
+            rel_trace=torch.stack(self.rel_trace, 1) if self.trace else None,
+            state=self.state_tensors() if return_state else None)
+
+
+def run_solve(solve_cls, f: Func, z0: torch.Tensor, return_final: bool, return_state: bool,
+              trace: bool, **kwargs) -> SolverResult:
+    """Runs one solve under no_grad: the empty-batch shortcut and the z0 check first."""
+    with torch.no_grad():
+        if z0.shape[0] == 0 or z0.numel() == 0:
+            return _empty_result(z0, trace)
+        if not bool(torch.isfinite(z0).all()):
+            raise ValueError("z0 contains NaN or inf values")
+        solve = solve_cls(f, z0, trace=trace, **kwargs)
+        solve.run()
+        return solve.result(return_final, return_state)
+
+
+def _empty_result(z0: torch.Tensor, trace: bool) -> SolverResult:
+    """Result for a batch with no samples (or no elements per sample): nothing to solve."""
+    B = z0.shape[0]
+    sdt = torch.float64 if z0.dtype == torch.float64 else torch.float32
+    zeros = torch.zeros(B, dtype=sdt, device=z0.device)
+    ints = torch.zeros(B, dtype=torch.int64, device=z0.device)
+    empty_trace = torch.zeros(B, 0, dtype=sdt, device=z0.device) if trace else None
+    return SolverResult(z=z0.detach().clone(), abs_residual=zeros, rel_residual=zeros.clone(),
+                        nstep=ints, nfev=ints.clone(),
+                        status=torch.full_like(ints, int(Status.CONVERGED)),
+                        abs_trace=empty_trace, rel_trace=empty_trace)
