@@ -1,0 +1,49 @@
+"""Configuration precedence and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.config import TrainConfig, parse_config
+from train.copy_memory import PRESETS, CopyConfig
+from train.loop import lr_factor
+
+
+def test_precedence_defaults_preset_file_flags(tmp_path) -> None:
+    assert parse_config(CopyConfig, [], "x", PRESETS).T == CopyConfig().T
+    assert parse_config(CopyConfig, ["--preset", "paper"], "x", PRESETS).T == 400
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"T": 7, "lr": 0.5}))
+    cfg = parse_config(CopyConfig, ["--preset", "paper", "--config", str(path), "--lr", "0.1"],
+                       "x", PRESETS)
+    assert (cfg.T, cfg.lr, cfg.d_model) == (7, 0.1, PRESETS["paper"]["d_model"])
+    assert parse_config(CopyConfig, ["--out-dir", "none", "--progress", "false"], "x").progress \
+        is False
+
+
+def test_unknown_field_in_file_is_an_error(tmp_path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"nope": 1}))
+    with pytest.raises(SystemExit):
+        parse_config(CopyConfig, ["--config", str(path)], "x")
+
+
+def test_bad_values_raise() -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(mode="pretrain")
+    with pytest.raises(ValueError):
+        TrainConfig(schedule="step")
+
+
+def test_schedule_warmup_then_cosine() -> None:
+    cfg = TrainConfig(steps=110, lr_warmup=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    lin = TrainConfig(steps=10, schedule="linear", min_lr_ratio=0.0)
+    assert lr_factor(5, lin) == pytest.approx(0.5)
+    assert lr_factor(3, TrainConfig(schedule="constant")) == 1.0

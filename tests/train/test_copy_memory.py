@@ -1,0 +1,62 @@
+"""Tiny copy-memory runs on CPU: learning, modes, checkpoint/resume, metrics log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.copy_memory import main
+
+TINY = ["--preset", "tiny"]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+@pytest.mark.parametrize("model,mode", [("transformer", "deq"), ("transformer", "unrolled"),
+                                        ("trellisnet", "deq"), ("trellisnet", "unrolled")])
+def test_tiny_run_lowers_the_loss(model: str, mode: str) -> None:
+    out = main(TINY + ["--model", model, "--mode", mode])
+    losses = out["losses"]
+    assert len(losses) == 24
+    assert _mean(losses[-4:]) < 0.85 * _mean(losses[:4])
+    assert out["final"]["test_loss"] < 0.85 * losses[0]
+    assert out["final"]["test_sequences"] == 64.0  # the last evaluation reads the whole test set
+
+
+def test_metrics_log_and_solver_iterations(tmp_path) -> None:
+    out_dir = tmp_path / "run"
+    results = tmp_path / "r.json"
+    main(TINY + ["--out-dir", str(out_dir), "--results", str(results)])
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["event"] == "train"]
+    evals = [r for r in lines if r["event"] == "eval"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20, 24]
+    assert train[0]["mode"] == "pretrain" and "fwd_iter" not in train[0]
+    deq = train[-1]
+    assert deq["mode"] == "deq" and deq["fwd_iter"] >= 1 and deq["bwd_iter"] >= 1
+    for key in ("loss", "ppl", "time", "peak_mem_mb", "lr"):
+        assert key in deq
+    assert evals[-1]["step"] == 24 and "test_loss" in evals[-1]
+    record = json.loads(results.read_text())
+    assert record["final_test"]["test_loss"] == evals[-1]["test_loss"]
+    assert (out_dir / "last.pt").exists()
+
+
+def test_resume_gives_the_same_next_loss(tmp_path) -> None:
+    args = TINY + ["--steps", "12", "--pretrain-steps", "4"]
+    full = main(args)["losses"]
+    out_dir = str(tmp_path / "ckpt")
+    part = main(args + ["--out-dir", out_dir], stop_at=8)   # interrupted after step 8
+    assert part["losses"] == full[:8]
+    resumed = main(args + ["--out-dir", out_dir, "--resume", "auto"])
+    assert resumed["start"] == 8
+    assert resumed["losses"][0] == full[8]               # the next loss, bit for bit
+    assert resumed["losses"] == pytest.approx(full[8:], rel=1e-6)
+
+
+def test_missing_checkpoint_is_an_error(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        main(TINY + ["--resume", str(tmp_path / "none.pt")])

@@ -1,0 +1,123 @@
+"""Run configuration: a dataclass filled from defaults, a preset, a JSON file and the command line.
+
+Precedence, lowest first: the dataclass defaults, ``--preset NAME``, ``--config FILE`` (a JSON
+object of field names), then explicit command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional, Sequence, TypeVar, get_type_hints
+
+C = TypeVar("C", bound="TrainConfig")
+
+
+@dataclass
+class TrainConfig:
+    """Fields every training script shares (the scripts subclass it with their own).
+
+    Attributes:
+        seed: seeds the model initialisation, data order and dropout.
+        steps: optimizer steps in total (pretrain steps included).
+        batch_size: sequences per step and per process.
+        lr, weight_decay: AdamW settings.
+        lr_warmup: steps of linear learning-rate warmup.
+        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear`` or ``constant`` after warmup.
+        clip: gradient-norm clipping threshold (<= 0: off).
+        pretrain_steps: the first steps run the shallow ``pretrain`` mode (paper, Appendix E),
+            then the model switches to ``mode``.
+        mode: ``deq`` or ``unrolled`` after the pretrain steps.
+        eval_every: evaluate every this many steps (and at the end); 0: only at the end.
+        log_every: steps between metrics lines (and progress lines when stdout is not a terminal).
+        out_dir: where ``metrics.jsonl`` and checkpoints go (None: no files).
+        ckpt_every: save ``last.pt`` every this many steps (0: only at the end).
+        resume: a checkpoint to resume from, or ``auto`` for ``out_dir/last.pt`` if it exists.
+        amp: bf16 autocast: ``auto`` (on GPU only), ``on`` or ``off``. Never used on CPU.
+        device: ``auto`` (cuda:LOCAL_RANK if available), ``cpu`` or ``cuda``.
+        threads: torch CPU threads (0: torch's default).
+        progress: print a progress bar.
+    """
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_warmup: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.05
+    clip: float = 1.0
+    pretrain_steps: int = 0
+    mode: str = "deq"
+    eval_every: int = 0
+    log_every: int = 20
+    out_dir: Optional[str] = None
+    ckpt_every: int = 0
+    resume: Optional[str] = None
+    amp: str = "auto"
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("deq", "unrolled"):
+            raise ValueError(f"mode must be 'deq' or 'unrolled', got {self.mode!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be auto, on or off, got {self.amp!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def _converter(tp: Any):
+    """argparse type for a field annotation (int, float, str, bool, Optional[...])."""
+    if tp is bool:
+        return _parse_bool
+    args = getattr(tp, "__args__", None)
+    if args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)][0]
+        base = _converter(inner)
+        return lambda s: None if s.lower() == "none" else base(s)
+    return tp
+
+
+def parse_config(cls: type[C], argv: Optional[Sequence[str]], description: str,
+                 presets: Mapping[str, Mapping[str, Any]] = {}) -> C:
+    """Build a ``cls`` from presets, ``--config FILE`` and one flag per field (``--batch-size``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="JSON file of field values")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="a named configuration")
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
+                            type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+                            help=f"(default {f.default!r})" if f.default is not
+                            dataclasses.MISSING else None)
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    preset = ns.pop("preset", None)
+    if preset is not None:
+        values.update(presets[preset])
+    config_file = ns.pop("config", None)
+    if config_file is not None:
+        with open(config_file) as fh:
+            loaded = json.load(fh)
+        unknown = set(loaded) - {f.name for f in fields(cls)}
+        if unknown:
+            parser.error(f"unknown fields in {config_file}: {sorted(unknown)}")
+        values.update(loaded)
+    values.update(ns)
+    return cls(**values)

@@ -1,0 +1,140 @@
+"""Word-level language modeling: ``python -m train.language_model --data DIR``.
+
+DIR holds Penn Treebank (``ptb.{train,valid,test}.txt`` or ``{train,valid,test}.txt``) or
+WikiText-103 (``wiki.{train,valid,test}.tokens``). The model is a preset of :mod:`models`
+(``--model-preset``) with the vocabulary size of the corpus; training perplexity is logged, and
+validation and test perplexity at each evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from models import DEQLanguageModel, get_preset
+
+from .config import TrainConfig, parse_config
+from .data_lm import Corpus, batchify, n_segments, segment
+from .loop import Task, init_distributed, seed_everything, train
+
+
+@dataclass
+class LMRunConfig(TrainConfig):
+    """Language-model run (beyond :class:`TrainConfig`).
+
+    Attributes:
+        data: the corpus directory.
+        model_preset: a :data:`models.PRESETS` name; its vocabulary size is replaced by the
+            corpus's (adaptive-softmax cutoffs at or above it are dropped).
+        tgt_len: segment length in training (0: the preset's ``seq_len``).
+        eval_tgt_len: segment length in evaluation (0: ``tgt_len``).
+        eval_batch_size: rows of the evaluation streams.
+        eval_segments: segments evaluated at intermediate evaluations (0: all; the final
+            evaluation always reads the whole splits).
+    """
+
+    steps: int = 20_000
+    batch_size: int = 32
+    lr: float = 2.5e-4
+    lr_warmup: int = 1000
+    pretrain_steps: int = 2000
+    eval_every: int = 2000
+    log_every: int = 50
+    data: str = "data/ptb"
+    model_preset: str = "deq_transformer_small"
+    tgt_len: int = 0
+    eval_tgt_len: int = 0
+    eval_batch_size: int = 10
+    eval_segments: int = 0
+
+
+class LMTask(Task):
+    """Segments of the training stream in order, one per step; memory carried between them.
+
+    Step s reads segment ``s mod n_segments``; the memory is reset at the start of each pass.
+    Under DDP each rank reads its own ``batch_size`` rows of a ``batch_size * world``-row stream.
+    """
+
+    eval_splits = ("valid", "test")
+
+    def __init__(self, cfg: LMRunConfig, corpus: Corpus, device: torch.device, rank: int,
+                 world: int) -> None:
+        self.cfg, self.device = cfg, device
+        preset = get_preset(cfg.model_preset)
+        vocab = len(corpus.vocab)
+        model_cfg = replace(preset.config, vocab_size=vocab,
+                            cutoffs=tuple(c for c in preset.config.cutoffs if c < vocab))
+        self.model = DEQLanguageModel(model_cfg)
+        self.tgt_len = cfg.tgt_len or preset.seq_len
+        self.eval_tgt_len = cfg.eval_tgt_len or self.tgt_len
+        rows = batchify(corpus.streams["train"], cfg.batch_size * world)
+        self.train_data = rows[rank * cfg.batch_size:(rank + 1) * cfg.batch_size].to(device)
+        self.eval_data = {s: batchify(corpus.streams[s], cfg.eval_batch_size).to(device)
+                          for s in ("valid", "test")}
+        self.n_train = n_segments(self.train_data, self.tgt_len)
+        self.memory: Optional[tuple[torch.Tensor, ...]] = None
+
+    def train_loss(self, model: nn.Module, step: int, rank: int, world: int) -> torch.Tensor:
+        i = step % self.n_train
+        if i == 0:
+            self.memory = None
+        tokens, targets = segment(self.train_data, i, self.tgt_len)
+        out = model(tokens, targets, self.memory)
+        self.memory = tuple(m.detach() for m in out.memory)
+        return out.loss.float()
+
+    def evaluate(self, split: str, final: bool) -> dict[str, float]:
+        data = self.eval_data[split]
+        count = n_segments(data, self.eval_tgt_len)
+        if not final and self.cfg.eval_segments:
+            count = min(count, self.cfg.eval_segments)
+        memory, total, tokens_seen = None, 0.0, 0
+        for i in range(count):
+            tokens, targets = segment(data, i, self.eval_tgt_len)
+            out = self.model(tokens, targets, memory)
+            memory = out.memory
+            total += float(out.nll.float().sum())
+            tokens_seen += targets.numel()
+        loss = total / max(1, tokens_seen)
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(tokens_seen)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memory": self.memory}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        memory = state.get("memory")
+        self.memory = None if memory is None else tuple(m.to(self.device) for m in memory)
+
+
+def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) -> dict[str, Any]:
+    """Run from command-line arguments; returns the loop's summary (``final``: last evaluation).
+
+    ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would.
+    """
+    cfg = parse_config(LMRunConfig, argv, __doc__.splitlines()[0])
+    try:
+        corpus = Corpus(cfg.data)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = init_distributed(cfg.device)
+    seed_everything(cfg.seed)
+    task = LMTask(cfg, corpus, device, rank, world)
+    if rank == 0 and cfg.progress:
+        n_params = sum(p.numel() for p in task.model.parameters())
+        print(f"language model: {cfg.data} vocab={len(corpus.vocab)} "
+              f"train tokens={corpus.streams['train'].numel()} preset={cfg.model_preset} "
+              f"params={n_params} tgt_len={task.tgt_len} device={device} world={world}",
+              flush=True)
+    return train(cfg, task, rank, world, device, stop_at=stop_at)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""The training loop both scripts share.
+
+A :class:`Task` supplies the model, one training batch per step and an evaluation; :func:`train`
+does the rest: seeds, device, DistributedDataParallel under ``torchrun``, AdamW, learning-rate
+warmup and schedule, the shallow pretrain warm-up followed by the DEQ (or unrolled) mode,
+gradient clipping, bf16 autocast on GPU, checkpoints with resume, a JSON-lines metrics log and a
+progress bar with the loss and the mean solver iterations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import TrainConfig
+
+
+class Task(ABC):
+    """What a training script defines. ``model`` must have ``set_mode`` and a ``core``."""
+
+    model: nn.Module
+
+    @abstractmethod
+    def train_loss(self, model: nn.Module, step: int, rank: int, world: int) -> torch.Tensor:
+        """The loss of training step ``step`` on this process's share of the batch.
+
+        ``model`` is what to call (the DDP wrapper when distributed). The batch must depend only
+        on ``(step, rank, world)`` and the task's state, so that a resumed run sees the same data.
+        """
+
+    @abstractmethod
+    def evaluate(self, split: str, final: bool) -> dict[str, float]:
+        """Metrics on a held-out split (``self.model`` is in eval mode, no grad).
+
+        ``final`` marks the run's last evaluation (a task may evaluate a subset before it).
+        """
+
+    eval_splits: tuple[str, ...] = ("test",)
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint beyond the model (e.g. a language model's memory)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+# -- distributed setup -------------------------------------------------------------------------
+def init_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """``(rank, world, device)``; joins the process group when started by ``torchrun``.
+
+    nccl on GPU, gloo on CPU. Each process uses the GPU ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        # Once a loss is tiny, softmax gradients underflow into denormals, which make x86 float
+        # arithmetic many times slower; flushing them to zero changes nothing measurable.
+        torch.set_flush_denormal(True)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return rank, world, device
+
+
+def seed_everything(seed: int) -> None:
+    """Python and torch (all devices) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- schedule ----------------------------------------------------------------------------------
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then the schedule."""
+    if step < cfg.lr_warmup:
+        return (step + 1) / cfg.lr_warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    done = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
+    done = min(1.0, done)
+    if cfg.schedule == "linear":
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * done
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def solver_iterations(model: nn.Module) -> dict[str, float]:
+    """Mean forward/backward Broyden steps of the last pass (nothing outside ``deq`` mode)."""
+    stats = getattr(model.core, "solver_stats", [])
+    out: dict[str, float] = {}
+    for key, name in (("forward", "fwd_iter"), ("backward", "bwd_iter")):
+        steps = [s[key].nstep.double().mean() for s in stats if key in s]
+        if steps:
+            out[name] = float(torch.stack(steps).mean())
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated (cuda), or the process's peak resident size (cpu), in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path`` (nothing when None)."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A text progress bar; on a non-terminal, one line every ``every`` steps instead."""
+
+    def __init__(self, total: int, every: int, enabled: bool) -> None:
+        self.total, self.every, self.enabled = total, max(1, every), enabled
+        self.tty = sys.stdout.isatty()
+        self.start = time.time()
+
+    def update(self, step: int, fields: dict[str, float]) -> None:
+        done = step + 1
+        if not self.enabled or (not self.tty and done % self.every and done != self.total):
+            return
+        width = 30
+        filled = int(width * done / self.total)
+        rate = done / max(1e-9, time.time() - self.start)
+        text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text} {rate:.2f} it/s"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, flush=True)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(path: str, **state: Any) -> None:
+    """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_resume(cfg: TrainConfig) -> Optional[str]:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        if cfg.out_dir is None:
+            return None
+        path = os.path.join(cfg.out_dir, "last.pt")
+        return path if os.path.exists(path) else None
+    if not os.path.exists(cfg.resume):
+        raise FileNotFoundError(f"checkpoint {cfg.resume} not found")
+    return cfg.resume
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.device,
+          stop_at: Optional[int] = None) -> dict[str, Any]:
+    """Train ``task.model`` for ``cfg.steps`` steps (or until ``stop_at``); returns a summary.
+
+    The summary has ``losses`` (training loss per step run here), the last evaluation under
+    ``final`` and ``wall_s``.
+    """
+    raw = task.model.to(device)
+    model: nn.Module = raw
+    if world > 1:
+        # Every parameter is used in every mode, so no unused-parameter search is needed.
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
+                                        else None)
+    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    start = 0
+    main = rank == 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        ckpt = torch.load(resume, map_location=device, weights_only=False)
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        task.load_state_dict(ckpt["task"])
+        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
+        start = ckpt["step"]
+    if cfg.out_dir is not None and main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")
+                     if cfg.out_dir is not None and main else None)
+    use_amp = device.type == "cuda" and cfg.amp != "off"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
+        else contextlib.nullcontext
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    bar = Progress(cfg.steps, cfg.log_every, cfg.progress and main)
+    t0 = time.time()
+    losses: list[float] = []
+    final: dict[str, Any] = {}
+
+    def checkpoint(step: int) -> None:
+        # Every rank's RNG is gathered so that each resumes its own dropout stream.
+        states = [rng_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if cfg.out_dir is not None and main:
+            save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), model=raw.state_dict(),
+                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
+                            rng=states, task=task.state_dict(), config=asdict(cfg))
+
+    def evaluate(step: int, final: bool) -> dict[str, Any]:
+        raw.eval()
+        record: dict[str, Any] = {"step": step}
+        with torch.no_grad(), autocast():
+            for split in task.eval_splits:
+                for key, value in task.evaluate(split, final).items():
+                    record[f"{split}_{key}"] = value
+        raw.train()
+        record.update(time=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
+        log.write({"event": "eval", **record})
+        bar.message("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                       if isinstance(v, float)))
+        return record
+
+    raw.train()
+    for step in range(start, end):
+        mode = "pretrain" if step < cfg.pretrain_steps else cfg.mode
+        if raw.core.modes.mode != mode:
+            raw.set_mode(mode)
+            bar.message(f"step {step}: mode {mode}")
+        with autocast():
+            loss = task.train_loss(model, step, rank, world)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip) if cfg.clip > 0
+                     else None)
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        losses.append(value)
+        iters = solver_iterations(raw)
+        bar.update(step, {"loss": value, **iters})
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            log.write({"event": "train", "step": step + 1, "loss": value,
+                       "ppl": math.exp(min(value, 50.0)), "mode": mode,
+                       "lr": sched.get_last_lr()[0],
+                       "grad_norm": None if grad_norm is None else float(grad_norm),
+                       **iters, "time": time.time() - t0, "peak_mem_mb": peak_memory_mb(device)})
+        if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+            checkpoint(step + 1)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
+            final = evaluate(step + 1, step + 1 == cfg.steps)
+    if end > start:
+        checkpoint(end)
+    return {"losses": losses, "final": final, "wall_s": time.time() - t0, "start": start}
