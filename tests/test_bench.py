@@ -25,6 +25,17 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
     assert results["ratios"]["total_speedup"] > 0
     names = {t["name"] for t in results["targets"]}
     assert {"solver_overhead_ratio", "total_speedup", "compaction_rows_saved"} <= names
+    # Time per iteration against the active fraction: one point per active count, and masked
+    # samples make the compiled passes no slower (they skip converged samples).
+    section = results["active_fraction"]
+    counts = [p["active"] for p in section["points"]]
+    assert counts == sorted(set(counts)) and counts[-1] == section["sizes"]["batch"]
+    for p in section["points"]:
+        assert p["deq_ext_iteration_ms"] > p["deq_ext_passes_ms"] > 0
+        assert p["reference_passes_ms"] > 0 and p["torchdeq_iteration_ms"] > 0
+    pytest.importorskip("matplotlib")
+    png = out.with_suffix(".png")
+    assert results["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("python -m deq_ext.bench --quick")
     assert saved["device"] and saved["versions"]["torch"]

@@ -2,42 +2,19 @@
 // Same conventions as broyden_cuda.cu: (sample, chunk) blocks on a flattened
 // grid, masks read on device, two-stage deterministic reductions, the current
 // stream, every launch checked.
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <climits>
-
 #include "../common/anderson_math.h"
 #include "../ops.h"
+#include "launch.cuh"
 
 namespace deq_ext {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kEPT = 4;
-constexpr int64_t kChunk = kThreads * kEPT;
-
-template <typename T>
-using acc_of = at::acc_type<T, /*is_cuda=*/true>;
-
-int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
-
-dim3 chunk_grid(int64_t B, int64_t nch) {
-  TORCH_CHECK(B * nch <= INT_MAX, "deq_ext: batch too large for the CUDA grid");
-  return dim3(static_cast<unsigned>(B * nch));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
+using namespace cuda_launch;
 
 // Block sum of one value per thread; the result is valid in thread 0. The
 // trailing barrier lets callers reuse smem in the next call.
@@ -58,7 +35,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fixed_point_kernel(scalar_t* z, const scalar_t* __restrict__ g,
                        const int64_t* __restrict__ status, double tau, int64_t D, int64_t nch) {
-  using acc_t = acc_of<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   for (int e = 0; e < kEPT; ++e) {
@@ -77,8 +54,8 @@ __global__ void __launch_bounds__(kThreads)
     store_kernel(scalar_t* X, scalar_t* G, const scalar_t* __restrict__ z,
                  const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                  const int64_t* __restrict__ nhist, int64_t m, int64_t D, int64_t nch,
-                 acc_of<scalar_t>* __restrict__ part) {
-  using acc_t = acc_of<scalar_t>;
+                 accum_t<scalar_t>* __restrict__ part) {
+  using acc_t = accum_t<scalar_t>;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   const int64_t slot = nhist[b] % m;
@@ -112,10 +89,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per sample: totals over chunks in order into the Gram row/column, nhist += 1.
 template <typename scalar_t>
-__global__ void store_finalize_kernel(const acc_of<scalar_t>* __restrict__ part,
+__global__ void store_finalize_kernel(const accum_t<scalar_t>* __restrict__ part,
                                       scalar_t* gram, const int64_t* __restrict__ status,
                                       int64_t* nhist, int64_t m, int64_t nch, int64_t B) {
-  using acc_t = acc_of<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B || status[b] != kActive) return;
   const int64_t slot = nhist[b] % m;
@@ -134,8 +111,8 @@ template <typename scalar_t>
 __global__ void weights_kernel(const scalar_t* __restrict__ gram, scalar_t* alpha,
                                int64_t* fallback, const int64_t* __restrict__ status,
                                const int64_t* __restrict__ nhist, int64_t m, double lam,
-                               acc_of<scalar_t>* scratch, int64_t B) {
-  using acc_t = acc_of<scalar_t>;
+                               accum_t<scalar_t>* scratch, int64_t B) {
+  using acc_t = accum_t<scalar_t>;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B || status[b] != kActive) return;
   const int64_t n = nhist[b] < m ? nhist[b] : m, newest = (nhist[b] - 1) % m;
@@ -155,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
                const scalar_t* __restrict__ alpha, scalar_t* z,
                const int64_t* __restrict__ status, const int64_t* __restrict__ nhist,
                double beta, int64_t m, int64_t D, int64_t nch) {
-  using acc_t = acc_of<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   const int64_t n = nhist[b] < m ? nhist[b] : m;
@@ -203,7 +180,7 @@ void anderson_store_cuda(const AndersonArgs& t) {
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_store_cuda", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = accum_t<scalar_t>;
     at::Tensor part =
         at::empty({B, nch, m}, t.X.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     store_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
@@ -223,7 +200,7 @@ void anderson_mix_cuda(const AndersonArgs& t, double beta, double lam) {
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_mix_cuda", [&] {
-    using acc_t = acc_of<scalar_t>;
+    using acc_t = accum_t<scalar_t>;
     at::Tensor scratch = at::empty({B, 2 * m * m + m},
                                    t.X.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     weights_kernel<scalar_t><<<sample_blocks(B), kSampleThreads, 0, stream>>>(

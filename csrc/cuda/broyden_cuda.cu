@@ -6,41 +6,23 @@
 // are no floating-point atomics, so results are reproducible run to run.
 // Samples whose status is not ACTIVE are skipped on device (no host sync):
 // every block reads status[b] first and returns before touching anything else.
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <climits>
 #include <type_traits>
 
 #include "../ops.h"
+#include "launch.cuh"
 
 namespace deq_ext {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarpSize;
-// Elements per thread, strided by kThreads so that every access is coalesced.
-constexpr int kEPT = 4;
-constexpr int64_t kChunk = kThreads * kEPT;
+using namespace cuda_launch;
+
 constexpr int kFinalizeThreads = 256;
 constexpr int kCountThreads = 128;
-
-template <typename T>
-using cuda_acc_t = at::acc_type<T, /*is_cuda=*/true>;
-
-int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
-
-// (sample, chunk) blocks are flattened into a 1-D grid, so that B is not
-// limited by the 65535 cap of gridDim.y.
-dim3 chunk_grid(int64_t B, int64_t nch) {
-  TORCH_CHECK(B * nch <= INT_MAX, "deq_ext: batch too large for the CUDA grid (", B, " x ",
-              nch, " blocks)");
-  return dim3(static_cast<unsigned>(B * nch));
-}
 
 // This thread's place: sample b, chunk, and its kEPT elements d[e] of the
 // sample's row (in[e]: d[e] < D, false only in the last chunk).
@@ -62,14 +44,6 @@ __device__ __forceinline__ ChunkPos chunk_pos(int64_t nch, int64_t D) {
     p.in[e] = p.d[e] < D;
   }
   return p;
-}
-
-// Butterfly sum: every lane ends with the same total, in a fixed order.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // Block-wide sums of N per-thread values: thread i < N returns the total of
@@ -109,8 +83,8 @@ __global__ void __launch_bounds__(kThreads)
     residual_kernel(const fz_t* __restrict__ fz, const scalar_t* __restrict__ z,
                     scalar_t* __restrict__ g, scalar_t* __restrict__ dg,
                     const int64_t* __restrict__ status, int64_t D, int64_t nch,
-                    cuda_acc_t<scalar_t>* __restrict__ part) {
-  using acc_t = cuda_acc_t<scalar_t>;
+                    accum_t<scalar_t>* __restrict__ part) {
+  using acc_t = accum_t<scalar_t>;
   const ChunkPos pos = chunk_pos(nch, D);
   if (status[pos.b] != kActive) return;
   const int64_t row = pos.b * D;
@@ -143,7 +117,7 @@ __global__ void __launch_bounds__(kThreads)
 // for every sample, since status may leave ACTIVE here.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpSize)
-    status_kernel(const cuda_acc_t<scalar_t>* __restrict__ part, int64_t nch, StatusParams p,
+    status_kernel(const accum_t<scalar_t>* __restrict__ part, int64_t nch, StatusParams p,
                   scalar_t* best_abs, scalar_t* best_rel, scalar_t* res_abs, scalar_t* res_rel,
                   int64_t* status, int64_t* nstep, int64_t* nfev, int64_t* stall,
                   int* improved) {
@@ -152,7 +126,7 @@ __global__ void __launch_bounds__(kWarpSize)
     if (threadIdx.x == 0) improved[b] = 0;
     return;
   }
-  const cuda_acc_t<scalar_t>* pb = part + b * nch * 2;
+  const accum_t<scalar_t>* pb = part + b * nch * 2;
   double sg = 0, sf = 0;
   for (int64_t c = threadIdx.x; c < nch; c += kWarpSize) {
     sg += static_cast<double>(pb[c * 2 + 0]);
@@ -218,8 +192,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dg,
                   const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                   const int64_t* __restrict__ npairs, int64_t m, int64_t D, int64_t nch,
-                  cuda_acc_t<scalar_t>* __restrict__ part) {
-  using acc_t = cuda_acc_t<scalar_t>;
+                  accum_t<scalar_t>* __restrict__ part) {
+  using acc_t = accum_t<scalar_t>;
   static_assert(3 * kPairs <= kThreads, "one tile total per thread");
   const ChunkPos pos = chunk_pos(nch, D);
   const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
@@ -296,11 +270,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Sherman-Morrison scalars into scal. proj entries j >= k are written as 0.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    reduce_finalize_kernel(const cuda_acc_t<scalar_t>* __restrict__ part,
+    reduce_finalize_kernel(const accum_t<scalar_t>* __restrict__ part,
                            const int64_t* __restrict__ status,
                            const int64_t* __restrict__ npairs, int64_t m, int64_t nch,
                            scalar_t* proj, scalar_t* scal) {
-  using acc_t = cuda_acc_t<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   // The totals are kept in proj and read back by sherman_morrison, which
   // wants them in acc_t: on CUDA that is the state dtype itself.
   static_assert(std::is_same_v<acc_t, scalar_t>, "proj must hold acc_t totals");
@@ -383,7 +357,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const scalar_t* __restrict__ proj, const scalar_t* __restrict__ scal,
                   const int64_t* __restrict__ status, const int64_t* __restrict__ npairs,
                   int64_t m, int64_t D, int64_t nch) {
-  using acc_t = cuda_acc_t<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const ChunkPos pos = chunk_pos(nch, D);
   const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
   if (st != kActive) return;
@@ -452,7 +426,7 @@ __global__ void __launch_bounds__(kCountThreads)
 
 template <typename scalar_t, typename fz_t>
 void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
-  using acc_t = cuda_acc_t<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t B = t.z.size(0), D = t.z.size(1), nch = num_chunks(D);
   const dim3 grid = chunk_grid(B, nch);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -482,7 +456,7 @@ void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
 
 template <typename scalar_t>
 void reduce_impl(const HistoryArgs& t) {
-  using acc_t = cuda_acc_t<scalar_t>;
+  using acc_t = accum_t<scalar_t>;
   const int64_t B = t.U.size(0), m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor part = at::empty(

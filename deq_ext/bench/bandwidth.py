@@ -1,0 +1,159 @@
+"""Bandwidth: the device copy vs the two fused passes of one Broyden iteration vs a torchdeq-style step."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Callable, Optional
+
+import torch
+
+import deq_ext
+from deq_ext.status import Status
+
+from .config import BandwidthSizes, Config
+from .env import copy_bandwidth, median, progress, time_calls
+
+
+def _history(cfg: Config, sizes: BandwidthSizes) -> dict[str, torch.Tensor]:
+    """Random solver state with a full ring (k = m), all samples active."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    dev, dt = cfg.torch_device, cfg.torch_dtype
+    B, D, m = sizes.batch, sizes.dim, sizes.m
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=dt) * scale).to(dev).contiguous()
+
+    # Scales keep the dot products O(1), so no value drifts towards overflow or denormals.
+    return {
+        "U": rnd(B, m, D, scale=D ** -0.5), "V": rnd(B, m, D, scale=D ** -0.5),
+        "dz": rnd(B, D), "dg": rnd(B, D), "g": rnd(B, D), "z": rnd(B, D),
+    }
+
+
+def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] = None,
+                      ops: Any = None) -> float:
+    """Median seconds of one ``broyden_reduce`` + ``broyden_expand_`` at a full ring.
+
+    ``active``: how many samples are still iterating (the first ones; the others are
+    CONVERGED and must cost nothing); all by default. ``ops``: the module holding the two
+    passes, the compiled ``deq_ext._C`` by default (``deq_ext.reference`` for its twin).
+    """
+    if ops is None:
+        from deq_ext import _C as ops
+
+    st = _history(cfg, sizes)
+    dev, dt = cfg.torch_device, cfg.torch_dtype
+    B, m = sizes.batch, sizes.m
+    status = torch.zeros(B, dtype=torch.int64, device=dev)  # ACTIVE
+    status[(B if active is None else active):] = int(Status.CONVERGED)
+    npairs = torch.full((B,), m, dtype=torch.int64, device=dev)
+    proj = torch.zeros(B, 3, m, dtype=dt, device=dev)
+    scal = torch.zeros(B, 5, dtype=dt, device=dev)
+    # expand_ rewrites ring slot npairs % m = 0, dz and z, and bumps npairs: restore them
+    # before each call so every timed call does the same full-ring work on the same values.
+    keep = {"u0": st["U"][:, 0].clone(), "v0": st["V"][:, 0].clone(),
+            "dz": st["dz"].clone(), "z": st["z"].clone()}
+
+    def reset() -> None:
+        st["U"][:, 0].copy_(keep["u0"])
+        st["V"][:, 0].copy_(keep["v0"])
+        st["dz"].copy_(keep["dz"])
+        st["z"].copy_(keep["z"])
+        npairs.fill_(m)
+
+    def body() -> None:
+        ops.broyden_reduce(st["U"], st["V"], st["dz"], st["dg"], st["g"], status, npairs, proj, scal)
+        # expand_ reads the valid flag reduce just wrote into scal.
+        ops.broyden_expand_(st["U"], st["V"], st["dz"], st["dg"], st["g"], st["z"], proj, scal,
+                           status, npairs)
+
+    return median(time_calls(dev, body, reset, sizes.reps))
+
+
+def _torchdeq_matvecs() -> tuple[Callable, Callable, str]:
+    """torchdeq's own matvec/rmatvec if importable, else the same einsums written here."""
+    try:
+        from torchdeq.solver.broyden import matvec, rmatvec
+        return matvec, rmatvec, "torchdeq.solver.broyden.matvec/rmatvec"
+    except ImportError:
+        pass
+
+    def matvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # (-I + U V^T) x with U (B, D, L), V^T (B, L, D)
+        return -x + torch.einsum("bdl,bl->bd", Us, torch.einsum("bld,bd->bl", VTs, x))
+
+    def rmatvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x^T (-I + U V^T)
+        return -x + torch.einsum("bl,bld->bd", torch.einsum("bd,bdl->bl", x, Us), VTs)
+
+    return matvec, rmatvec, "einsum equivalent in deq_ext.bench"
+
+
+def torchdeq_step_time(cfg: Config, sizes: BandwidthSizes) -> tuple[float, str]:
+    """Median seconds of one torchdeq-style Broyden update + move at a full ring.
+
+    Same work as the two fused passes: new pair (rmatvec, matvec, denominator,
+    NaN guards, store), next step (matvec) and ``z += step``, with torchdeq's
+    layout ``Us (B, D, L)``, ``VTs (B, L, D)``.
+    """
+    matvec, rmatvec, source = _torchdeq_matvecs()
+    st = _history(cfg, sizes)
+    Us = st["U"].transpose(1, 2).contiguous()
+    VTs = st["V"]
+    dx, dgx, gx, x = st["dz"], st["dg"], st["g"], st["z"]
+    slot = 0
+    keep = {"u": Us[:, :, slot].clone(), "v": VTs[:, slot].clone(), "x": x.clone()}
+
+    def reset() -> None:
+        Us[:, :, slot].copy_(keep["u"])
+        VTs[:, slot].copy_(keep["v"])
+        x.copy_(keep["x"])
+
+    def body() -> None:
+        vT = rmatvec(Us, VTs, dx)
+        u = (dx - matvec(Us, VTs, dgx)) / torch.einsum("bd,bd->b", vT, dgx)[:, None]
+        # torchdeq zeroes NaNs with boolean-mask assignment; keep that cost.
+        vT[torch.isnan(vT)] = 0
+        u[torch.isnan(u)] = 0
+        VTs[:, slot] = vT
+        Us[:, :, slot] = u
+        x.add_(-matvec(Us, VTs, gx))
+
+    return median(time_calls(cfg.torch_device, body, reset, sizes.reps)), source
+
+
+def fused_bytes(sizes: BandwidthSizes, elem: int) -> int:
+    """Bytes the two passes move per iteration at k = m: s * B * D * (4m + 11).
+
+    reduce reads 2m history rows + dz, dg, g; expand reads 2m rows + dz, dg, g, z
+    and writes u, v, dz, z.
+    """
+    return elem * sizes.batch * sizes.dim * (4 * sizes.m + 11)
+
+
+def bench_bandwidth(cfg: Config) -> dict[str, Any]:
+    """Copy bandwidth, fused-pass throughput and the torchdeq-style step, same sizes."""
+    sizes = cfg.bw
+    dev = cfg.torch_device
+    out: dict[str, Any] = {"sizes": asdict(sizes)}
+    progress(f"bandwidth: device copy of {sizes.copy_mib} MiB")
+    out["copy"] = copy_bandwidth(dev, sizes.copy_mib, max(sizes.reps, 5))
+    info = deq_ext.build_info()
+    if not info.get("loaded"):
+        out["fused_skipped"] = f"compiled extension not loaded: {info.get('error')}"
+    elif dev.type == "cuda" and not info.get("cuda"):
+        out["fused_skipped"] = "deq_ext was built without CUDA kernels"
+    else:
+        progress(f"bandwidth: fused passes B={sizes.batch} D={sizes.dim} m={sizes.m}")
+        t = fused_passes_time(cfg, sizes)
+        moved = fused_bytes(sizes, cfg.torch_dtype.itemsize)
+        gbps = moved / t / 1e9
+        out["fused"] = {"seconds": t, "bytes": moved, "gbps": gbps,
+                        "fraction_of_copy": gbps / out["copy"]["gbps"]}
+    progress("bandwidth: torchdeq-style step")
+    t_td, source = torchdeq_step_time(cfg, sizes)
+    out["torchdeq_step"] = {"seconds": t_td, "ops": source}
+    if "fused" in out:
+        out["step_speedup"] = t_td / out["fused"]["seconds"]
+    return out
+

@@ -1,0 +1,52 @@
+"""``python -m deq_ext.bench``: run every section, print the report, write JSON and the plot."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Optional
+
+import torch
+
+from .active import bench_active_fraction
+from .bandwidth import bench_bandwidth
+from .config import build_parser, resolve_config
+from .env import load_average, progress, provenance, write_json
+from .plot import plot_active_fraction
+from .problem import Problem
+from .report import check_targets, format_table, targets_met
+from .solves import bench_solvers, solver_ratios
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run the benchmark, print the table, optionally write JSON and a PNG; returns the results."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    cfg = resolve_config(build_parser().parse_args(args))
+    device = cfg.torch_device
+    torch.manual_seed(cfg.seed)
+    problem = Problem(cfg)
+    results: dict[str, Any] = provenance(device, "python -m deq_ext.bench", args)
+    results["config"] = {k: v for k, v in asdict(cfg).items() if k != "bw"}
+    results["problem"] = {
+        "block": problem.block, "rho_min": cfg.rho_min, "rho_max": cfg.rho_max,
+        "f": "rho_b * tanh(reshape(z, (B, D/block, block)) @ W) + x_b, ||W||_2 = 1"}
+    t0 = time.perf_counter()
+    results["solves"] = bench_solvers(cfg, problem)
+    results["ratios"] = solver_ratios(results["solves"])
+    results["bandwidth"] = bench_bandwidth(cfg) if cfg.bandwidth else None
+    results["active_fraction"] = bench_active_fraction(cfg) if cfg.sweep else None
+    results["targets"] = check_targets(results["ratios"], results["bandwidth"], device)
+    results["targets_met"] = targets_met(results["targets"])
+    results["wall_s"] = time.perf_counter() - t0
+    results["load_average_end"] = load_average()
+    if cfg.plot and results["active_fraction"]:
+        skipped = plot_active_fraction(results["active_fraction"],
+                                       f"deq_ext.bench on {results['device']}", cfg.plot)
+        results["plot"] = cfg.plot if skipped is None else None
+        progress(f"wrote {cfg.plot}" if skipped is None else f"plot skipped: {skipped}")
+    print(format_table(results), flush=True)
+    if cfg.out:
+        write_json(results, cfg.out)
+        progress(f"wrote {cfg.out}")
+    return results

@@ -1,0 +1,146 @@
+"""The targets of the issues and the human-readable report of a run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Target:
+    """One performance target of the issue: ``value <op> threshold`` on ``devices``."""
+
+    name: str
+    description: str
+    op: str  # "<=" or ">="
+    threshold: float
+    devices: tuple[str, ...]
+
+
+TARGETS = (
+    Target("solver_overhead_ratio", "deq_ext solver time / torchdeq solver time", "<=", 0.5, ("cpu",)),
+    Target("total_speedup", "torchdeq total time / deq_ext total time", ">=", 2.0, ("cpu",)),
+    Target("compaction_rows_saved", "1 - f rows with compaction / f rows without", ">=", 0.40,
+           ("cpu", "cuda")),
+    Target("fused_bandwidth_fraction", "fused passes GB/s / device copy GB/s", ">=", 0.70, ("cuda",)),
+    Target("step_speedup", "torchdeq-style step time / fused passes time", ">=", 3.0, ("cuda",)),
+)
+
+
+
+def check_targets(ratios: dict[str, Optional[float]], bandwidth: Optional[dict[str, Any]],
+                  device: torch.device) -> list[dict[str, Any]]:
+    """Every target with its measured value; ``passed`` is None when it could not be measured."""
+    values: dict[str, Optional[float]] = {
+        "solver_overhead_ratio": ratios.get("solver_overhead_ratio"),
+        "total_speedup": ratios.get("total_speedup"),
+        "compaction_rows_saved": ratios.get("compaction_rows_saved"),
+        "fused_bandwidth_fraction": (bandwidth or {}).get("fused", {}).get("fraction_of_copy"),
+        "step_speedup": (bandwidth or {}).get("step_speedup"),
+    }
+    checks = []
+    for t in TARGETS:
+        v = values[t.name]
+        passed = None if v is None else (v <= t.threshold if t.op == "<=" else v >= t.threshold)
+        checks.append({"name": t.name, "description": t.description, "value": v, "op": t.op,
+                       "threshold": t.threshold, "devices": list(t.devices),
+                       "applies": device.type in t.devices, "passed": passed})
+    return checks
+
+
+def targets_met(checks: list[dict[str, Any]]) -> Optional[bool]:
+    """True when every target that applies on this device passed; None if one was not measured."""
+    applicable = [c["passed"] for c in checks if c["applies"]]
+    if any(p is None for p in applicable):
+        return None
+    return all(applicable)
+
+
+def _fmt(v: Optional[float], spec: str = ".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _active_fraction_lines(section: Optional[dict[str, Any]]) -> list[str]:
+    if not section:
+        return []
+    z = section["sizes"]
+    head = (f"  {'active':>8}{'deq_ext iter':>14}{'deq_ext passes':>16}{'reference passes':>18}"
+            f"{'torchdeq iter':>15}")
+    lines = ["", f"ms per iteration against active samples (B={z['batch']} D={z['dim']} m={z['m']}; "
+                 f"torchdeq step {section['torchdeq_step_ms']:.3f} ms)", head]
+    for p in section["points"]:
+        lines.append(f"  {p['active']:>4}/{z['batch']:<3}{_fmt(p.get('deq_ext_iteration_ms')):>14}"
+                     f"{_fmt(p.get('deq_ext_passes_ms')):>16}{_fmt(p['reference_passes_ms']):>18}"
+                     f"{_fmt(p['torchdeq_iteration_ms']):>15}")
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The human-readable report (ratios and target checks last)."""
+    cfg = results["config"]
+    lines = [
+        f"deq_ext.bench  {results['timestamp']}",
+        f"device: {results['device']}",
+        f"torch {results['versions']['torch']} (cuda {results['versions']['torch_cuda']}), "
+        f"deq_ext {results['versions']['deq_ext']}, torchdeq {results['versions']['torchdeq']}; "
+        f"load average at start {results.get('load_average_start')}",
+        f"problem: B={cfg['batch']} D={cfg['dim']} {cfg['dtype']} on {cfg['device']}, "
+        f"f = rho_b*tanh(z@W)+x_b (W {results['problem']['block']}x{results['problem']['block']}, "
+        f"||W||=1), rho {cfg['rho_min']}..{cfg['rho_max']}",
+        f"solve: {cfg['method']} max_iter={cfg['max_iter']} tol={cfg['tol']:g} (abs) memory={cfg['memory']} "
+        f"compact={cfg['compact']}; medians of {cfg['repeat']} interleaved round(s) after one warm-up",
+        "",
+    ]
+    head = (f"{'solver':<20}{'total s':>9}{'f s':>9}{'solver s':>10}{'f calls':>9}"
+            f"{'f rows':>8}{'nstep mean/max':>16}{'converged':>11}{'max |f(z)-z|':>14}")
+    lines += [head, "-" * len(head)]
+    for name, s in results["solves"].items():
+        lines.append(
+            f"{name:<20}{s['total_s']:>9.3f}{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
+            f"{s['f_calls']:>9.0f}{s['f_rows']:>8.0f}"
+            f"{s['nstep_mean']:>10.1f}/{s['nstep_max']:<5.0f}"
+            f"{int(s['converged']):>6d}/{cfg['batch']:<4d}{s['max_abs_residual']:>14.2e}")
+    bw = results.get("bandwidth")
+    if bw:
+        z = bw["sizes"]
+        lines += ["", f"bandwidth (B={z['batch']} D={z['dim']} m={z['m']} {cfg['dtype']}, "
+                      f"median of {z['reps']})"]
+        c = bw["copy"]
+        lines.append(f"  device copy ({z['copy_mib']} MiB)      {c['gbps']:>9.1f} GB/s")
+        if "fused" in bw:
+            fu = bw["fused"]
+            lines.append(f"  fused reduce+expand_       {fu['gbps']:>9.1f} GB/s  "
+                         f"{fu['seconds'] * 1e3:8.3f} ms/iter  ({fu['fraction_of_copy']:.0%} of copy; "
+                         f"{fu['bytes'] / 2**20:.1f} MiB/iter)")
+        else:
+            lines.append(f"  fused passes skipped: {bw['fused_skipped']}")
+        td = bw["torchdeq_step"]
+        lines.append(f"  torchdeq-style step        {'':>14}  {td['seconds'] * 1e3:8.3f} ms/iter  "
+                     f"({td['ops']})")
+    lines += _active_fraction_lines(results.get("active_fraction"))
+    r = results["ratios"]
+    lines += ["", "ratios vs torchdeq (same run)"]
+    rows = [
+        ("deq_ext solver overhead (solver s / torchdeq's)", r.get("solver_overhead_ratio")),
+        ("deq_ext total speedup (torchdeq total / deq_ext's)", r.get("total_speedup")),
+        ("deq_ext f calls / torchdeq's", r.get("f_calls_ratio")),
+        ("deq_ext f rows / torchdeq's", r.get("f_rows_ratio")),
+        ("deq_ext f rows saved by compaction (vs no compact)", r.get("compaction_rows_saved")),
+        ("deq_ext total speedup from compaction", r.get("compaction_total_speedup")),
+        ("reference twin solver overhead", r.get("reference_solver_overhead_ratio")),
+        ("reference twin total speedup", r.get("reference_total_speedup")),
+        ("reference twin f rows / torchdeq's", r.get("reference_f_rows_ratio")),
+        ("fused step speedup (torchdeq-style step / fused)", (bw or {}).get("step_speedup")),
+    ]
+    lines += [f"  {label:<52}{_fmt(v):>8}" for label, v in rows if label.startswith("deq") or v is not None]
+    lines += ["", "targets"]
+    for t in results["targets"]:
+        verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
+        scope = "" if t["applies"] else f"  (informational: a target on {'/'.join(t['devices'])} only)"
+        lines.append(f"  {t['name']:<26}{_fmt(t['value']):>8} {t['op']} {t['threshold']:<5g}"
+                     f"{verdict:>6}{scope}")
+    return "\n".join(lines)
+

@@ -1,0 +1,148 @@
+"""The solvers under test and the timed, interleaved solves that compare them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+import deq_ext
+
+from .config import Config
+from .env import median, progress, ratio, sync
+from .problem import Problem, TimedF
+
+SOLVER_EXT = "deq_ext"
+SOLVER_REF = "deq_ext[reference]"
+SOLVER_TD = "torchdeq"
+SOLVER_FULL = "deq_ext[no compact]"
+
+Runner = Callable[[Problem, Config, TimedF], tuple[torch.Tensor, torch.Tensor]]
+"""Solves the problem with f = the timed wrapper; returns (z, iterations per sample)."""
+
+
+def _method_options(cfg: Config) -> dict[str, Any]:
+    return {} if cfg.method == "fixed_point" else {"memory": cfg.memory}
+
+
+def _run_deq_ext(use_reference: bool, compact: bool) -> Runner:
+    def run(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.Tensor, torch.Tensor]:
+        opts = dict(method=cfg.method, max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
+                    use_reference=use_reference, **_method_options(cfg))
+        if compact:
+            # x and rho as batched inputs: f is then only evaluated on the active samples.
+            res = deq_ext.solve(timed, problem.z0, inputs=(problem.x, problem.rho), **opts)
+        else:
+            res = deq_ext.solve(lambda z: timed(z, problem.x, problem.rho), problem.z0,
+                                compact=False, **opts)
+        return res.z, res.nstep
+    return run
+
+
+def _run_torchdeq(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
+
+    f = lambda z: timed(z, problem.x, problem.rho)  # noqa: E731
+    common = dict(max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs")
+    if cfg.method == "broyden":
+        z, _, _ = broyden_solver(f, problem.z0, LBFGS_thres=cfg.memory, **common)
+    elif cfg.method == "anderson":
+        z, _, _ = anderson_solver(f, problem.z0, m=cfg.memory, **common)
+    else:
+        z, _, _ = fixed_point_iter(f, problem.z0, **common)
+    # The whole batch iterates together: every sample took the loop's step count
+    # (one evaluation before the loop, one per step, no line search).
+    steps = torch.full((cfg.batch,), timed.calls - 1, dtype=torch.int64)
+    return z, steps
+
+
+def torchdeq_available() -> bool:
+    try:
+        from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_solvers(cfg: Config) -> dict[str, Runner]:
+    """The solvers to run, in the order they are run in each round."""
+    solvers: dict[str, Runner] = {SOLVER_EXT: _run_deq_ext(use_reference=False, compact=cfg.compact)}
+    if cfg.compact:
+        # The same solver evaluating f on the whole batch: what compaction saves.
+        solvers[SOLVER_FULL] = _run_deq_ext(use_reference=False, compact=False)
+    if cfg.reference:
+        solvers[SOLVER_REF] = _run_deq_ext(use_reference=True, compact=cfg.compact)
+    if cfg.torchdeq:
+        if torchdeq_available():
+            solvers[SOLVER_TD] = _run_torchdeq
+        else:
+            progress("torchdeq is not importable: skipping it (pip install torchdeq)")
+    return solvers
+
+
+def solve_once(runner: Runner, problem: Problem, cfg: Config) -> dict[str, float]:
+    """One timed solve: total, f and solver time, f calls/rows, steps and the outcome."""
+    device = cfg.torch_device
+    timed = TimedF(problem.f, device)
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        z, steps = runner(problem, cfg, timed)
+    sync(device)
+    total = time.perf_counter() - t0
+    with torch.no_grad():
+        res = problem.residual(z)
+    steps = steps.double()
+    return {
+        "total_s": total,
+        "f_s": timed.seconds,
+        "solver_s": total - timed.seconds,
+        "f_calls": timed.calls,
+        "f_rows": timed.rows,
+        "nstep_mean": float(steps.mean()),
+        "nstep_max": float(steps.max()),
+        "converged": int((res < cfg.tol).sum()),
+        "max_abs_residual": float(res.max()),
+    }
+
+
+def bench_solvers(cfg: Config, problem: Problem) -> dict[str, dict[str, Any]]:
+    """Warm up every solver once, then run ``repeat`` interleaved rounds; medians per figure."""
+    solvers = select_solvers(cfg)
+    for name, runner in solvers.items():
+        progress(f"warm-up {name}")
+        solve_once(runner, problem, cfg)
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in solvers}
+    for r in range(cfg.repeat):
+        for name, runner in solvers.items():
+            fig = solve_once(runner, problem, cfg)
+            runs[name].append(fig)
+            progress(f"round {r + 1}/{cfg.repeat} {name:<18} total {fig['total_s']:.3f} s, "
+                     f"f {fig['f_s']:.3f} s, {fig['f_calls']} calls, "
+                     f"{fig['converged']}/{cfg.batch} converged")
+    return {name: {**{k: median([run[k] for run in rs]) for k in rs[0]}, "runs": rs}
+            for name, rs in runs.items()}
+
+
+def solver_ratios(solves: dict[str, dict[str, Any]]) -> dict[str, Optional[float]]:
+    """Every ratio relative to torchdeq, for the compiled solver and for the reference twin."""
+    td = solves.get(SOLVER_TD)
+    out: dict[str, Optional[float]] = {}
+    for prefix, name in (("", SOLVER_EXT), ("reference_", SOLVER_REF)):
+        mine = solves.get(name)
+        if mine is None:
+            continue
+        get = (lambda k: td[k]) if td else (lambda k: None)
+        out[prefix + "solver_overhead_ratio"] = ratio(mine["solver_s"], get("solver_s"))
+        out[prefix + "total_speedup"] = ratio(get("total_s"), mine["total_s"])
+        out[prefix + "f_calls_ratio"] = ratio(mine["f_calls"], get("f_calls"))
+        out[prefix + "f_rows_ratio"] = ratio(mine["f_rows"], get("f_rows"))
+        out[prefix + "f_time_ratio"] = ratio(mine["f_s"], get("f_s"))
+    full = solves.get(SOLVER_FULL)
+    if full is not None:
+        kept = ratio(solves[SOLVER_EXT]["f_rows"], full["f_rows"])
+        out["compaction_rows_saved"] = None if kept is None else 1 - kept
+        out["compaction_total_speedup"] = ratio(full["total_s"], solves[SOLVER_EXT]["total_s"])
+    return out
+
