@@ -24,7 +24,7 @@ from models import ModeConfig, TransformerConfig, TrellisNetConfig, build_core
 
 from .config import TrainConfig, parse_config
 from .data_copy import N_CLASSES, baseline_losses, copy_memory_splits
-from .loop import Task, init_distributed, seed_everything, train
+from .loop import Task, forward_f_rows, init_distributed, seed_everything, train
 
 
 @dataclass
@@ -152,10 +152,13 @@ class CopyTask(Task):
     def evaluate(self, split: str, final: bool) -> dict[str, float]:
         n = self.cfg.test_size if final else min(self.cfg.eval_size, self.cfg.test_size)
         total, correct, count, memory_correct, memory_count = 0.0, 0, 0, 0, 0
+        rows_used, rows_whole = 0, 0
         for start in range(0, n, 256):
             x = self.test_x[start:min(n, start + 256)]
             y = self.test_y[start:min(n, start + 256)]
             logits = self.model(x).float()
+            used, whole = forward_f_rows(self.model)
+            rows_used, rows_whole = rows_used + used, rows_whole + whole
             total += float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
             pred = logits.argmax(-1)
             correct += int((pred == y).sum())
@@ -163,8 +166,12 @@ class CopyTask(Task):
             tail = slice(self.cfg.T + 10, None)  # the 10 copied symbols
             memory_correct += int((pred[:, tail] == y[:, tail]).sum())
             memory_count += y[:, tail].numel()
-        return {"loss": total / count, "accuracy": correct / count,
-                "copy_accuracy": memory_correct / memory_count, "sequences": float(n)}
+        out = {"loss": total / count, "accuracy": correct / count,
+               "copy_accuracy": memory_correct / memory_count, "sequences": float(n)}
+        if rows_whole:
+            # What active-set compaction saved in these forward solves (batches of 256).
+            out["f_rows_saved_by_compaction"] = 1 - rows_used / rows_whole
+        return out
 
 
 def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) -> dict[str, Any]:

@@ -127,6 +127,19 @@ def solver_iterations(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def forward_f_rows(model: nn.Module) -> tuple[int, int]:
+    """Rows f was evaluated on in the last pass's forward solves: (with compaction, without).
+
+    With compaction f sees each sample once per evaluation of that sample (its nfev); without,
+    every call evaluates the whole batch, and there are as many calls as the busiest sample's
+    nfev. (0, 0) outside ``deq`` mode. Reads from the device.
+    """
+    stats = [s["forward"] for s in getattr(model.core, "solver_stats", []) if "forward" in s]
+    used = sum(int(s.nfev.sum()) for s in stats)
+    whole_batch = sum(int(s.nfev.max()) * s.nfev.numel() for s in stats if s.nfev.numel())
+    return used, whole_batch
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated (cuda), or the process's peak resident size (cpu), in MiB."""
     if device.type == "cuda":

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+import torch
+
+from deq_ext import SolverStats
 from train.copy_memory import main
+from train.loop import forward_f_rows
 
 TINY = ["--preset", "tiny"]
 
@@ -24,6 +29,11 @@ def test_tiny_run_lowers_the_loss(model: str, mode: str) -> None:
     assert _mean(losses[-4:]) < 0.85 * _mean(losses[:4])
     assert out["final"]["test_loss"] < 0.85 * losses[0]
     assert out["final"]["test_sequences"] == 64.0  # the last evaluation reads the whole test set
+    saved = out["final"].get("test_f_rows_saved_by_compaction")
+    if mode == "deq":  # 0 when every sample takes the same number of steps
+        assert 0 <= saved < 1
+    else:
+        assert saved is None
 
 
 def test_metrics_log_and_solver_iterations(tmp_path) -> None:
@@ -43,6 +53,16 @@ def test_metrics_log_and_solver_iterations(tmp_path) -> None:
     record = json.loads(results.read_text())
     assert record["final_test"]["test_loss"] == evals[-1]["test_loss"]
     assert (out_dir / "last.pt").exists()
+
+
+def test_forward_f_rows_counts_each_sample_and_the_whole_batch() -> None:
+    def stats(nfev: list[int]) -> dict:
+        n = torch.tensor(nfev)
+        return {"forward": SolverStats(n - 1, n, n.double(), n.double(), n), "backward": None}
+
+    model = SimpleNamespace(core=SimpleNamespace(solver_stats=[stats([3, 5, 2]), stats([4])]))
+    assert forward_f_rows(model) == (3 + 5 + 2 + 4, 3 * 5 + 1 * 4)
+    assert forward_f_rows(SimpleNamespace(core=SimpleNamespace(solver_stats=[]))) == (0, 0)
 
 
 def test_resume_gives_the_same_next_loss(tmp_path) -> None:
