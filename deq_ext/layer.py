@@ -161,7 +161,9 @@ def deq_fixed_point(
             through ``phantom_steps`` damped steps from z*; 1 step and damping 1
             is the one-step / Jacobian-free gradient).
         compact: in the forward solve, evaluate f only on the active samples.
-            Set False for an f that mixes samples (e.g. batch statistics).
+            Set False for an f that mixes samples (e.g. batch statistics). A
+            ``compact`` among the forward settings' options overrides it; the
+            backward solve is never compacted.
         stats: if given, ``stats['forward']`` and, after backward,
             ``stats['backward']`` receive :class:`SolverStats`.
     """
@@ -175,8 +177,9 @@ def deq_fixed_point(
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
     _check_inputs(z0, inputs)
 
-    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, compact=compact,
-                **fwd.solver_kwargs())
+    # A ``compact`` in the forward settings' options is the more specific choice: it wins.
+    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs,
+                **{"compact": compact, **fwd.solver_kwargs()})
     if stats is not None:
         stats["forward"] = SolverStats.of(res)
     z_star = res.z
@@ -200,8 +203,9 @@ def deq_fixed_point(
                 (vjp,) = torch.autograd.grad(fz, z_leaf, y, retain_graph=True, allow_unused=True)
             return grad if vjp is None else vjp + grad
 
-        out = solve(adjoint, torch.zeros_like(grad), method=bwd.method, compact=False,
-                    **bwd.solver_kwargs())
+        # The adjoint's VJPs run through the graph of f on the whole batch: never compacted.
+        out = solve(adjoint, torch.zeros_like(grad), method=bwd.method,
+                    **{**bwd.solver_kwargs(), "compact": False})
         if stats is not None:
             stats["backward"] = SolverStats.of(out)
         diverged = out.status == Status.DIVERGED

@@ -153,6 +153,31 @@ def test_compaction_does_not_change_outputs_or_gradients():
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-9, atol=1e-12)
 
 
+def test_compact_in_the_settings_options_overrides_the_argument():
+    cell = Cell(5, seed=8)
+    x = torch.randn(7, 5, dtype=torch.float64) * torch.linspace(0.1, 3, 7, dtype=torch.float64)[:, None]
+    rows: list[int] = []
+
+    def f(z, x):
+        rows.append(z.shape[0])
+        return cell(z, x)
+
+    def forward_rows(**settings) -> list[int]:
+        rows.clear()
+        with torch.no_grad():
+            deq_fixed_point(f, torch.zeros_like(x), x, **settings)
+        return list(rows)
+
+    compacted = forward_rows(forward=dict(tol=1e-10, max_iter=60))
+    assert min(compacted) < 7, "the samples converge at different steps"
+    assert forward_rows(forward=dict(tol=1e-10, max_iter=60, compact=False)) == [7] * len(compacted)
+    assert forward_rows(forward=dict(tol=1e-10, max_iter=60, compact=True), compact=False) == compacted
+    # The adjoint solve is never compacted, whatever its options say.
+    x.requires_grad_()
+    deq_fixed_point(cell, torch.zeros_like(x), x, backward=dict(compact=True)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def test_settings_accept_dicts_with_solver_options():
     deq = DEQ(Cell(3), forward=dict(tol=1e-5, line_search=True), backward=SolverSettings(tol=1e-7))
     assert deq.forward_settings.tol == 1e-5 and deq.forward_settings.options == {"line_search": True}
