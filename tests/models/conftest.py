@@ -1,15 +1,3 @@
 """Fixtures of the model tests."""
 
-from __future__ import annotations
-
-import pytest
-import torch
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test models are tiny: one thread is fastest, and unaffected by a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.fixtures import one_thread  # noqa: F401  (autouse)

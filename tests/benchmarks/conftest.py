@@ -1,0 +1,3 @@
+"""Fixtures of the table tests."""
+
+from tests.fixtures import one_thread  # noqa: F401  (autouse)
