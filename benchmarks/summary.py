@@ -1,0 +1,124 @@
+"""The headline figures of recorded benchmark runs, one line per target.
+
+``python -m benchmarks.summary PATH [PATH ...]`` reads JSON results (files, or every ``*.json`` in
+a folder) and prints, for each, the figures the issues set targets on, with PASS/FAIL. A file's
+kind is told by its content: the ``command`` it records (``python -m deq_ext.bench``,
+``python -m benchmarks.memory_table``, ``python -m benchmarks.runtime_table``) or, for
+pytest-benchmark output (the microbenchmarks), its ``benchmarks`` list. Files of other kinds are
+listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+Line = tuple[str, Optional[float], str, Optional[bool]]
+"""(figure, value, how it compares with its target, passed or None when there is no target)."""
+
+
+def _verdict(passed: Optional[bool]) -> str:
+    return "" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def bench_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """``python -m deq_ext.bench``: every target that applies on its device."""
+    for t in res.get("targets", []):
+        if t["applies"]:
+            yield (t["name"], t["value"], f"{t['op']} {t['threshold']:g}", t["passed"])
+
+
+def memory_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Memory table: the DEQ's share of the 60-layer model, without and with the workspace."""
+    for kind, model in res["models"].items():
+        t = model["targets"]
+        yield (f"{kind} DEQ memory / 60-layer", t["share"], f"<= {t['limit']:g}", t["pass"])
+        if "share_with_workspace" in t:
+            yield (f"{kind} same, + solver workspace", t["share_with_workspace"],
+                   f"<= {t['limit']:g}", t["pass_with_workspace"])
+
+
+def runtime_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Runtime table: DEQ / deep for training and inference, and the f rows compaction saved."""
+    for kind, model in res["models"].items():
+        for phase, t in model["targets"].items():
+            yield (f"{kind} DEQ / deep, {phase}", t["ratio"], f"<= {t['limit']:g}", t["pass"])
+        for phase, saved in model["compaction_rows_saved"].items():
+            yield (f"{kind} f rows saved by compaction, {phase}", saved, "", None)
+
+
+def micro_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Microbenchmarks: the best fraction of copy bandwidth each compiled op reached."""
+    best: dict[str, float] = {}
+    for b in res["benchmarks"]:
+        frac = b.get("extra_info", {}).get("fraction_of_copy")
+        if frac is not None:
+            name = b.get("group") or b["name"].split("[")[0]
+            best[name] = max(best.get(name, 0.0), frac)
+    for name, frac in sorted(best.items()):
+        yield (f"{name}: best fraction of copy bandwidth", frac, "", None)
+
+
+def kind_of(res: dict[str, Any]) -> Optional[tuple[str, Callable[[dict[str, Any]], Iterator[Line]]]]:
+    """Which summary applies to a result, or None."""
+    if isinstance(res.get("benchmarks"), list):
+        return "microbenchmarks", micro_lines
+    command = str(res.get("command", ""))
+    for prefix, label, lines in (("python -m deq_ext.bench", "deq_ext.bench", bench_lines),
+                                 ("python -m benchmarks.memory_table", "memory table", memory_lines),
+                                 ("python -m benchmarks.runtime_table", "runtime table",
+                                  runtime_lines)):
+        if command.startswith(prefix):
+            return label, lines
+    return None
+
+
+def result_files(paths: list[str]) -> list[Path]:
+    """The JSON files named, or found in the folders named, in a stable order."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    return files
+
+
+def summarize(paths: list[str]) -> tuple[str, bool]:
+    """The summary text, and whether every target with a verdict passed."""
+    out, all_passed = [], True
+    for path in result_files(paths):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            out.append(f"{path}: unreadable ({err})")
+            all_passed = False
+            continue
+        kind = kind_of(res) if isinstance(res, dict) else None
+        if kind is None:
+            out.append(f"{path.name}: skipped (not a known benchmark result)")
+            continue
+        label, lines = kind
+        device = res.get("device") or res.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+        out.append(f"{path.name} ({label}; {device})")
+        for figure, value, target, passed in lines(res):
+            out.append(f"  {figure:<52}{_fmt(value):>9}  {target:<8}{_verdict(passed)}")
+            all_passed = all_passed and passed is not False
+    return "\n".join(out), all_passed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Print the summary; exit status 1 if a target failed or a file was unreadable."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary", description=__doc__)
+    parser.add_argument("paths", nargs="+", help="result JSON files or folders of them")
+    text, ok = summarize(parser.parse_args(sys.argv[1:] if argv is None else argv).paths)
+    print(text)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

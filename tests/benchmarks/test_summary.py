@@ -1,0 +1,46 @@
+"""benchmarks.summary: tells result kinds apart and reports every target's verdict."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.summary import main, summarize
+
+
+def _write(path, obj) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
+    _write(tmp_path / "a-bench.json", {
+        "command": "python -m deq_ext.bench --quick", "device": "cpu0",
+        "targets": [
+            {"name": "total_speedup", "value": 2.5, "op": ">=", "threshold": 2.0, "applies": True,
+             "passed": True},
+            {"name": "fused_bandwidth_fraction", "value": 0.1, "op": ">=", "threshold": 0.7,
+             "applies": False, "passed": False}]})
+    _write(tmp_path / "b-memory.json", {
+        "command": "python -m benchmarks.memory_table", "device": "cpu0",
+        "models": {"transformer": {"targets": {"share": 0.05, "limit": 0.12, "pass": True}}}})
+    _write(tmp_path / "c-micro.json", {"benchmarks": [
+        {"name": "test_reduce[a]", "group": "reduce", "extra_info": {"fraction_of_copy": 0.3}},
+        {"name": "test_reduce[b]", "group": "reduce", "extra_info": {"fraction_of_copy": 0.6}}]})
+    _write(tmp_path / "d-other.json", {"command": "python -m train.copy_memory"})
+    text, ok = summarize([str(tmp_path)])
+    lines = text.splitlines()
+    assert ok
+    assert any("total_speedup" in ln and "2.500" in ln and ln.endswith("PASS") for ln in lines)
+    assert not any("fused_bandwidth_fraction" in ln for ln in lines), "a target for another device"
+    assert any("transformer DEQ memory / 60-layer" in ln and "0.050" in ln for ln in lines)
+    assert any(ln.strip().startswith("reduce: best") and "0.600" in ln for ln in lines)
+    assert "d-other.json: skipped" in text
+
+    _write(tmp_path / "e-runtime.json", {
+        "command": "python -m benchmarks.runtime_table", "device": "cpu0",
+        "models": {"trellisnet": {
+            "targets": {"infer": {"ratio": 1.5, "limit": 1.3, "pass": False}},
+            "compaction_rows_saved": {"infer": 0.25}}}})
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "trellisnet DEQ / deep, infer" in out and "FAIL" in out
+    assert "trellisnet f rows saved by compaction, infer" in out and "0.250" in out
