@@ -70,7 +70,7 @@ def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] 
     return median(time_calls(dev, body, reset, sizes.reps))
 
 
-def _torchdeq_matvecs() -> tuple[Callable, Callable, str]:
+def torchdeq_matvecs() -> tuple[Callable, Callable, str]:
     """torchdeq's own matvec/rmatvec if importable, else the same einsums written here."""
     try:
         from torchdeq.solver.broyden import matvec, rmatvec
@@ -89,6 +89,22 @@ def _torchdeq_matvecs() -> tuple[Callable, Callable, str]:
     return matvec, rmatvec, "einsum equivalent in deq_ext.bench"
 
 
+def torchdeq_update(matvec: Callable, rmatvec: Callable, Us: torch.Tensor, VTs: torch.Tensor,
+                    dx: torch.Tensor, dgx: torch.Tensor, gx: torch.Tensor, slot: int) -> torch.Tensor:
+    """torchdeq's Broyden update: the new rank-1 pair into ring ``slot``, then the next step.
+
+    Layout ``Us (B, D, m)``, ``VTs (B, m, D)``; returns ``-matvec(Us, VTs, gx)``.
+    """
+    vT = rmatvec(Us, VTs, dx)
+    u = (dx - matvec(Us, VTs, dgx)) / torch.einsum("bd,bd->b", vT, dgx)[:, None]
+    # torchdeq zeroes NaNs with boolean-mask assignment; keep that cost.
+    vT[torch.isnan(vT)] = 0
+    u[torch.isnan(u)] = 0
+    VTs[:, slot] = vT
+    Us[:, :, slot] = u
+    return -matvec(Us, VTs, gx)
+
+
 def torchdeq_step_time(cfg: Config, sizes: BandwidthSizes) -> tuple[float, str]:
     """Median seconds of one torchdeq-style Broyden update + move at a full ring.
 
@@ -96,7 +112,7 @@ def torchdeq_step_time(cfg: Config, sizes: BandwidthSizes) -> tuple[float, str]:
     NaN guards, store), next step (matvec) and ``z += step``, with torchdeq's
     layout ``Us (B, D, L)``, ``VTs (B, L, D)``.
     """
-    matvec, rmatvec, source = _torchdeq_matvecs()
+    matvec, rmatvec, source = torchdeq_matvecs()
     st = _history(cfg, sizes)
     Us = st["U"].transpose(1, 2).contiguous()
     VTs = st["V"]
@@ -110,14 +126,7 @@ def torchdeq_step_time(cfg: Config, sizes: BandwidthSizes) -> tuple[float, str]:
         x.copy_(keep["x"])
 
     def body() -> None:
-        vT = rmatvec(Us, VTs, dx)
-        u = (dx - matvec(Us, VTs, dgx)) / torch.einsum("bd,bd->b", vT, dgx)[:, None]
-        # torchdeq zeroes NaNs with boolean-mask assignment; keep that cost.
-        vT[torch.isnan(vT)] = 0
-        u[torch.isnan(u)] = 0
-        VTs[:, slot] = vT
-        Us[:, :, slot] = u
-        x.add_(-matvec(Us, VTs, gx))
+        x.add_(torchdeq_update(matvec, rmatvec, Us, VTs, dx, dgx, gx, slot))
 
     return median(time_calls(cfg.torch_device, body, reset, sizes.reps)), source
 

@@ -22,9 +22,17 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
     _write(tmp_path / "b-memory.json", {
         "command": "python -m benchmarks.memory_table", "device": "cpu0",
         "models": {"transformer": {"targets": {"share": 0.05, "limit": 0.12, "pass": True}}}})
+    def micro(op, impl, axis, conv, median, frac):
+        return {"stats": {"median": median}, "extra_info": {
+            "op": op, "impl": impl, "device": "cpu", "axis": axis, "converged_fraction": conv,
+            "fraction_of_copy": frac}}
+
     _write(tmp_path / "c-micro.json", {"benchmarks": [
-        {"name": "test_reduce[a]", "group": "reduce", "extra_info": {"fraction_of_copy": 0.3}},
-        {"name": "test_reduce[b]", "group": "reduce", "extra_info": {"fraction_of_copy": 0.6}}]})
+        micro("broyden_iteration", "compiled", "base", 0.0, 2.0, 0.6),
+        micro("broyden_iteration", "torchdeq", "base", 0.0, 3.0, 0.4),
+        micro("broyden_iteration", "compiled", "converged", 0.875, 0.5, 0.6),
+        micro("broyden_iteration", "torchdeq", "converged", 0.875, 3.0, 0.05),
+        micro("broyden_reduce", "compiled", "dim", 0.0, 1.0, 0.9)]})
     _write(tmp_path / "d-other.json", {"command": "python -m train.copy_memory"})
     text, ok = summarize([str(tmp_path)])
     lines = text.splitlines()
@@ -32,7 +40,10 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
     assert any("total_speedup" in ln and "2.500" in ln and ln.endswith("PASS") for ln in lines)
     assert not any("fused_bandwidth_fraction" in ln for ln in lines), "a target for another device"
     assert any("transformer DEQ memory / 60-layer" in ln and "0.050" in ln for ln in lines)
-    assert any(ln.strip().startswith("reduce: best") and "0.600" in ln for ln in lines)
+    assert any("broyden_iteration (cpu): fraction of copy" in ln and "0.600" in ln for ln in lines)
+    assert any("(cpu, 0 converged): torchdeq / deq_ext" in ln and "1.500" in ln for ln in lines)
+    assert any("(cpu, 0.875 converged): torchdeq / deq_ext" in ln and "6.000" in ln for ln in lines)
+    assert not any("broyden_reduce" in ln for ln in lines), "only base points are summarized"
     assert "d-other.json: skipped" in text
 
     _write(tmp_path / "e-runtime.json", {
