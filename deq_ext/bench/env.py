@@ -32,7 +32,7 @@ def sync(device: torch.device) -> None:
 
 def progress(msg: str) -> None:
     """A progress line on stderr (stdout carries only the table)."""
-    print(f"[deq_ext.bench] {msg}", file=sys.stderr, flush=True)
+    print(f"[deq_ext] {msg}", file=sys.stderr, flush=True)
 
 
 def median(values: list[float]) -> float:
