@@ -40,3 +40,24 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
     assert saved["command"].startswith("python -m deq_ext.bench --quick")
     assert saved["device"] and saved["versions"]["torch"]
     assert "targets" in capsys.readouterr().out
+
+
+def test_problem_rates_follow_rho():
+    """W is orthogonal, so sample b's rate tracks rho_b: iterations grow with rho and the
+    slowest sample takes well over twice the fastest one's (the spread compaction exploits)."""
+    import torch
+
+    import deq_ext
+    from deq_ext.bench.config import build_parser, resolve_config
+    from deq_ext.bench.problem import Problem
+
+    cfg = resolve_config(build_parser().parse_args(
+        ["--device", "cpu", "--dtype", "float64", "--batch", "6", "--dim", "512", "--max-iter", "60"]))
+    problem = Problem(cfg)
+    eye = torch.eye(problem.block, dtype=torch.float64)
+    torch.testing.assert_close(problem.W @ problem.W.T, eye, atol=1e-12, rtol=0)
+    res = deq_ext.solve(problem.f, problem.z0, inputs=(problem.x, problem.rho), max_iter=cfg.max_iter,
+                        tol=cfg.tol, stop_mode="abs", memory=cfg.memory)
+    steps = res.nstep.tolist()
+    assert (problem.residual(res.z) < cfg.tol).all()
+    assert steps == sorted(steps) and steps[-1] >= 2.5 * steps[0], steps

@@ -30,7 +30,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results["config"] = {k: v for k, v in asdict(cfg).items() if k != "bw"}
     results["problem"] = {
         "block": problem.block, "rho_min": cfg.rho_min, "rho_max": cfg.rho_max,
-        "f": "rho_b * tanh(reshape(z, (B, D/block, block)) @ W) + x_b, ||W||_2 = 1"}
+        "f": "rho_b * tanh(reshape(z, (B, D/block, block)) @ W) + x_b, W orthogonal"}
     t0 = time.perf_counter()
     results["solves"] = bench_solvers(cfg, problem)
     results["ratios"] = solver_ratios(results["solves"])

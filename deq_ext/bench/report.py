@@ -89,7 +89,7 @@ def format_table(results: dict[str, Any]) -> str:
         f"load average at start {results.get('load_average_start')}",
         f"problem: B={cfg['batch']} D={cfg['dim']} {cfg['dtype']} on {cfg['device']}, "
         f"f = rho_b*tanh(z@W)+x_b (W {results['problem']['block']}x{results['problem']['block']}, "
-        f"||W||=1), rho {cfg['rho_min']}..{cfg['rho_max']}",
+        f"orthogonal), rho {cfg['rho_min']}..{cfg['rho_max']}",
         f"solve: {cfg['method']} max_iter={cfg['max_iter']} tol={cfg['tol']:g} (abs) memory={cfg['memory']} "
         f"compact={cfg['compact']}; medians of {cfg['repeat']} interleaved round(s) after one warm-up",
         "",
