@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -62,6 +63,17 @@ def _default_cuda_home() -> None:
             os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _openmp_flags(torch) -> list[str]:
+    """OpenMP flags when torch's parallel backend is OpenMP, else none.
+
+    at::parallel_for is then an ``omp parallel`` pragma in a header, compiled into
+    the extension: without -fopenmp it silently runs on one thread.
+    """
+    if sys.platform == "win32" or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return list(CONFIG["openmp_flags"])
+
+
 def _wheel_cuda_includes() -> list[str]:
     """Header folders of the CUDA libraries that torch's pip packages ship (nvidia/*/include).
 
@@ -88,7 +100,9 @@ def extensions():
     torch_version = torch.__version__.split("+")[0]
     defines = [f"-DDEQ_EXT_TORCH_VERSION={torch_version}"]
     sources = list(CONFIG["cpu_sources"])
-    extra = {"cxx": CONFIG["cxx_flags"] + defines}
+    openmp = _openmp_flags(torch)
+    cxx_flags = CONFIG["cxx_flags"] + openmp
+    extra = {"cxx": cxx_flags + defines}
     kind = cpp_extension.CppExtension
     if with_cuda:
         archs = _cuda_archs(torch)
@@ -98,7 +112,7 @@ def extensions():
         defines += ["-DDEQ_EXT_WITH_CUDA", f"-DDEQ_EXT_CUDA_ARCHS={token}"]
         late = _wheel_cuda_includes()
         extra = {
-            "cxx": CONFIG["cxx_flags"] + defines + [f for d in late for f in ("-idirafter", d)],
+            "cxx": cxx_flags + defines + [f for d in late for f in ("-idirafter", d)],
             "nvcc": CONFIG["nvcc_flags"] + defines + [f"-Xcompiler=-idirafter,{d}" for d in late],
         }
         sources += CONFIG["cuda_sources"]
@@ -112,6 +126,7 @@ def extensions():
             sources=sources,
             include_dirs=[str(ROOT / d) for d in CONFIG["include_dirs"]],
             extra_compile_args=extra,
+            extra_link_args=openmp,
         )
     ]
 

@@ -249,6 +249,11 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string();
 #endif
   info["torch_version"] = std::string(DEQ_EXT_STR(DEQ_EXT_TORCH_VERSION));
+#ifdef _OPENMP
+  info["openmp"] = true;  // at::parallel_for in the CPU kernels uses torch's threads
+#else
+  info["openmp"] = false;
+#endif
   return info;
 }
 

@@ -32,8 +32,10 @@ def available() -> bool:
 
 
 def build_info() -> dict[str, Any]:
-    """What was compiled: ``{'cpu', 'cuda', 'cuda_archs', 'torch_version', ...}``.
+    """What was compiled: ``{'cpu', 'cuda', 'cuda_archs', 'torch_version', 'openmp', ...}``.
 
+    ``openmp`` says whether the CPU kernels were compiled with OpenMP, which
+    they need to run on torch's threads when torch parallelizes with OpenMP.
     ``cuda_archs`` lists the compute capabilities the CUDA kernels were built
     for (for example ``['8.0', '9.0']``); it is empty when CUDA was not built.
     When the extension could not be loaded, ``loaded`` is False and ``error``

@@ -26,3 +26,11 @@ def test_cuda_build_matches_expectation():
         assert info["cuda"], "CI expected the CUDA kernels to be compiled"
         for arch in ("8.0", "9.0"):
             assert arch in info["cuda_archs"], info["cuda_archs"]
+
+
+def test_cpu_kernels_are_built_for_torch_threads():
+    """With torch's OpenMP backend, at::parallel_for is an omp pragma compiled into the extension:
+    a build without -fopenmp would run every CPU kernel on one thread, silently."""
+    info = deq_ext.build_info()
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert info["openmp"] is True, info

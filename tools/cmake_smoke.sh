@@ -19,6 +19,8 @@ python - <<'PY'
 import torch, deq_ext
 info = deq_ext.build_info()
 assert info["loaded"] and not info["cuda"], info
+if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+    assert info["openmp"], "torch uses OpenMP but the CMake build does not: CPU kernels on one thread"
 assert "/pkg/deq_ext/" in deq_ext.__file__, f"imported the wrong deq_ext: {deq_ext.__file__}"
 res = deq_ext.broyden(lambda z: 0.5 * torch.tanh(z) + 1.0, torch.zeros(3, 7), tol=1e-6)
 assert bool(res.converged.all()), res.status
