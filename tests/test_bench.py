@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+import deq_ext
 from deq_ext import bench
+from deq_ext.bench.config import build_parser, resolve_config
+from deq_ext.bench.problem import Problem
 
 
 def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
@@ -45,12 +49,6 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
 def test_problem_rates_follow_rho():
     """W is orthogonal, so sample b's rate tracks rho_b: iterations grow with rho and the
     slowest sample takes well over twice the fastest one's (the spread compaction exploits)."""
-    import torch
-
-    import deq_ext
-    from deq_ext.bench.config import build_parser, resolve_config
-    from deq_ext.bench.problem import Problem
-
     cfg = resolve_config(build_parser().parse_args(
         ["--device", "cpu", "--dtype", "float64", "--batch", "6", "--dim", "512", "--max-iter", "60"]))
     problem = Problem(cfg)

@@ -177,14 +177,14 @@ def test_ops_are_deterministic(ext, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cpu_ops_do_not_depend_on_thread_count(ext, dtype):
-    """Partial sums are combined in chunk order, so 1 and 3 threads give the same bits."""
+    """Partial sums are combined in chunk order, so 1 and 2 threads give the same bits."""
     B, m, D = 5, 7, 3 * 4096 + 5
     st = with_reduced_scalars(history_state(B, m, D, dtype, "cpu", seed=_seed("threads", dtype)),
                               gen_seed=2)
     threads = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 3):
+        for n in (1, 2):
             torch.set_num_threads(n)
             s = clone_state(st)
             ext.broyden_reduce(*(s[a] for a in ("U", "V", "dz", "dg", "g", "status", "npairs", "proj",
