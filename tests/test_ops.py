@@ -144,6 +144,26 @@ def test_residual_status_flags(ext, device, flags):
     assert bool(converged.any()) == freeze
 
 
+def test_residual_norms_of_huge_finite_values_stay_finite(ext, device):
+    """|f(z) - z| of 1e18 per element is finite in float32, but its square sums overflow float32:
+    the sums are taken in double, so the sample stays ACTIVE, as in the reference."""
+    st = _residual_state(2, 1024, torch.float32, torch.float32, device, seed=13)
+    st["status"].fill_(int(Status.ACTIVE))
+    st["best_abs"].fill_(math.inf)
+    st["best_rel"].fill_(math.inf)
+    st["z"].zero_()
+    st["fz"].fill_(1e18)
+    want = clone_state(st)
+    params = (1e-3, False, 3, 1e6, True, True)
+    ext.residual_status_(*(st[a] for a in RESIDUAL_ARGS), *params)
+    reference.residual_status_(*(want[a] for a in RESIDUAL_ARGS), *params)
+    assert torch.equal(st["status"], want["status"])
+    assert bool((st["status"] == Status.ACTIVE).all())
+    torch.testing.assert_close(st["res_abs"], want["res_abs"], rtol=1e-6, atol=0)
+    assert bool(torch.isfinite(st["res_abs"]).all())
+    assert torch.equal(st["z_best"], st["z"])
+
+
 def test_reduce_marks_zero_denominator_invalid(ext, device):
     """A zero Sherman-Morrison denominator skips the update instead of storing inf/NaN."""
     B, m, D = 2, 3, 17

@@ -35,14 +35,14 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     fixed_point_kernel(scalar_t* z, const scalar_t* __restrict__ g,
                        const int64_t* __restrict__ status, double tau, int64_t D, int64_t nch) {
-  using acc_t = accum_t<scalar_t>;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   for (int e = 0; e < kEPT; ++e) {
     const int64_t d = chunk * kChunk + threadIdx.x + e * kThreads;
     if (d < D) {
       const int64_t i = b * D + d;
-      z[i] = z[i] + static_cast<scalar_t>(static_cast<acc_t>(tau) * static_cast<acc_t>(g[i]));
+      // tau * g in double, rounded once: the same bits as the reference and the CPU twin.
+      z[i] = z[i] + static_cast<scalar_t>(tau * static_cast<double>(g[i]));
     }
   }
 }
@@ -111,8 +111,8 @@ template <typename scalar_t>
 __global__ void weights_kernel(const scalar_t* __restrict__ gram, scalar_t* alpha,
                                int64_t* fallback, const int64_t* __restrict__ status,
                                const int64_t* __restrict__ nhist, int64_t m, double lam,
-                               accum_t<scalar_t>* scratch, int64_t B) {
-  using acc_t = accum_t<scalar_t>;
+                               double* scratch, int64_t B) {
+  using acc_t = double;  // a float64 solve, like reference.anderson_weights and the CPU twin
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B || status[b] != kActive) return;
   const int64_t n = nhist[b] < m ? nhist[b] : m, newest = (nhist[b] - 1) % m;
@@ -200,13 +200,11 @@ void anderson_mix_cuda(const AndersonArgs& t, double beta, double lam) {
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_mix_cuda", [&] {
-    using acc_t = accum_t<scalar_t>;
-    at::Tensor scratch = at::empty({B, 2 * m * m + m},
-                                   t.X.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    at::Tensor scratch = at::empty({B, 2 * m * m + m}, t.X.options().dtype(at::kDouble));
     weights_kernel<scalar_t><<<sample_blocks(B), kSampleThreads, 0, stream>>>(
         t.gram.data_ptr<scalar_t>(), t.alpha.data_ptr<scalar_t>(),
         t.fallback.data_ptr<int64_t>(), t.status.data_ptr<int64_t>(),
-        t.nhist.data_ptr<int64_t>(), m, lam, scratch.data_ptr<acc_t>(), B);
+        t.nhist.data_ptr<int64_t>(), m, lam, scratch.data_ptr<double>(), B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     mix_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
         t.X.data_ptr<scalar_t>(), t.G.data_ptr<scalar_t>(), t.alpha.data_ptr<scalar_t>(),

@@ -78,13 +78,15 @@ __device__ __forceinline__ T block_sum_scatter(T (&v)[N], T* smem) {
 // ---------------------------------------------------------------------------
 
 // g_new = f - z, dg = g_new - g, g = g_new; partial sums of g_new^2 and f^2.
+// The sums are in double, like the reference and the CPU twin: in float a finite
+// |g| above about 1e18 would overflow to inf and flag the sample as diverged.
 template <typename scalar_t, typename fz_t>
 __global__ void __launch_bounds__(kThreads)
     residual_kernel(const fz_t* __restrict__ fz, const scalar_t* __restrict__ z,
                     scalar_t* __restrict__ g, scalar_t* __restrict__ dg,
                     const int64_t* __restrict__ status, int64_t D, int64_t nch,
-                    accum_t<scalar_t>* __restrict__ part) {
-  using acc_t = accum_t<scalar_t>;
+                    double* __restrict__ part) {
+  using acc_t = double;
   const ChunkPos pos = chunk_pos(nch, D);
   if (status[pos.b] != kActive) return;
   const int64_t row = pos.b * D;
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(kThreads)
 // for every sample, since status may leave ACTIVE here.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWarpSize)
-    status_kernel(const accum_t<scalar_t>* __restrict__ part, int64_t nch, StatusParams p,
+    status_kernel(const double* __restrict__ part, int64_t nch, StatusParams p,
                   scalar_t* best_abs, scalar_t* best_rel, scalar_t* res_abs, scalar_t* res_rel,
                   int64_t* status, int64_t* nstep, int64_t* nfev, int64_t* stall,
                   int* improved) {
@@ -126,11 +128,11 @@ __global__ void __launch_bounds__(kWarpSize)
     if (threadIdx.x == 0) improved[b] = 0;
     return;
   }
-  const accum_t<scalar_t>* pb = part + b * nch * 2;
+  const double* pb = part + b * nch * 2;
   double sg = 0, sf = 0;
   for (int64_t c = threadIdx.x; c < nch; c += kWarpSize) {
-    sg += static_cast<double>(pb[c * 2 + 0]);
-    sf += static_cast<double>(pb[c * 2 + 1]);
+    sg += pb[c * 2 + 0];
+    sf += pb[c * 2 + 1];
   }
   // The shuffles also order every lane's read of status[b] before lane 0
   // overwrites it.
@@ -426,22 +428,20 @@ __global__ void __launch_bounds__(kCountThreads)
 
 template <typename scalar_t, typename fz_t>
 void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
-  using acc_t = accum_t<scalar_t>;
   const int64_t B = t.z.size(0), D = t.z.size(1), nch = num_chunks(D);
   const dim3 grid = chunk_grid(B, nch);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor part =
-      at::empty({B, nch, 2}, t.z.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const at::Tensor part = at::empty({B, nch, 2}, t.z.options().dtype(at::kDouble));
   const at::Tensor improved = at::empty({B}, t.z.options().dtype(at::kInt));
 
   residual_kernel<scalar_t, fz_t><<<grid, kThreads, 0, stream>>>(
       t.fz.data_ptr<fz_t>(), t.z.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(),
       t.dg.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(), D, nch,
-      part.data_ptr<acc_t>());
+      part.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   status_kernel<scalar_t><<<static_cast<unsigned>(B), kWarpSize, 0, stream>>>(
-      part.data_ptr<acc_t>(), nch, p, t.best_abs.data_ptr<scalar_t>(),
+      part.data_ptr<double>(), nch, p, t.best_abs.data_ptr<scalar_t>(),
       t.best_rel.data_ptr<scalar_t>(), t.res_abs.data_ptr<scalar_t>(),
       t.res_rel.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
       t.nstep.data_ptr<int64_t>(), t.nfev.data_ptr<int64_t>(), t.stall.data_ptr<int64_t>(),
