@@ -86,7 +86,9 @@ def residual_status_(
     new_status = torch.full_like(idx, int(Status.ACTIVE))
     if stall_patience > 0:
         new_status = torch.where(new_stall >= stall_patience, int(Status.STALLED), new_status)
-    blew_up = torch.isfinite(best_obj) & (obj > diverge_ratio * best_obj)
+    # Below tol is never a blow-up: with per_sample=False a converged sample keeps iterating, and
+    # rounding noise above a best residual of 0 would otherwise flag it diverged.
+    blew_up = torch.isfinite(best_obj) & (obj > diverge_ratio * best_obj) & ~(obj < tol)
     new_status = torch.where(blew_up, int(Status.DIVERGED), new_status)
     if freeze_converged:
         new_status = torch.where(obj < tol, int(Status.CONVERGED), new_status)

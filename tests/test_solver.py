@@ -196,6 +196,20 @@ def test_batch_wide_stopping_mode(device):
     assert bool((res.abs_residual <= per.abs_residual * (1 + 1e-9)).all())
 
 
+@pytest.mark.parametrize("method", ["broyden", "anderson", "fixed_point"])
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_batch_wide_stopping_never_flags_a_converged_sample_diverged(method, use_reference):
+    """per_sample=False keeps converged samples iterating: rounding noise above an exact solution
+    (best residual 0) must not count as a blow-up."""
+    D = 8
+    scale = torch.tensor([[0.0], [0.9]], dtype=torch.float64)  # sample 0: f(z) = x, solved in one step
+    x = torch.ones(2, D, dtype=torch.float64)
+    res = deq_ext.solve(lambda z, a, b: a * torch.tanh(z) + b, torch.zeros(2, D, dtype=torch.float64),
+                        inputs=(scale, x), method=method, tol=1e-8, per_sample=False,
+                        use_reference=use_reference)
+    assert res.status.tolist() == [int(Status.CONVERGED)] * 2
+
+
 def test_return_final_versus_best():
     f = contraction(3, 12, seed=10)
     z0 = torch.zeros(3, 12, dtype=torch.float64)

@@ -117,7 +117,8 @@ DEQ_HD StatusUpdate update_status(double sq_g, double sq_fz, double best_obj, in
   r.stall = r.improved ? 0 : stall + 1;
   if (p.freeze_converged && obj < p.tol) {
     r.status = kConverged;
-  } else if (is_finite(best_obj) && obj > p.diverge_ratio * best_obj) {
+  } else if (is_finite(best_obj) && obj > p.diverge_ratio * best_obj && !(obj < p.tol)) {
+    // (below tol is never a blow-up: with per_sample=False converged samples keep iterating)
     r.status = kDiverged;
   } else if (p.stall_patience > 0 && r.stall >= p.stall_patience) {
     r.status = kStalled;
