@@ -61,13 +61,15 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int
 
 def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int,
                    name: str) -> dict[str, Any]:
-    # ||f(z)|| per sample, recovered from the two residuals: rel = abs / (||f(z)|| + 1e-9).
-    fz_norm = torch.where(res.rel_trace > 0, res.abs_trace / res.rel_trace, torch.zeros_like(res.abs_trace))
+    # ||f(z)|| per sample, recovered from the two residuals: rel = abs / (||f(z)|| + 1e-9). Where
+    # both are 0, z is an exact fixed point, the sample's lowest-residual iterate (res.z), and
+    # ||f(z)|| = ||z||.
+    z_norm = res.z.reshape(res.z.shape[0], -1).norm(dim=1).to(res.abs_residual.dtype)
+    fz_norm = torch.where(res.rel_trace > 0, res.abs_trace / res.rel_trace, z_norm[:, None])
     abs_trace = [_batch_norm(res.abs_trace[:, t]) for t in range(res.abs_trace.shape[1])]
     rel_trace = [a / (_batch_norm(fz_norm[:, t]) + 1e-9) for t, a in enumerate(abs_trace)]
     lowest_abs = _batch_norm(res.abs_residual)
-    fz_lowest = torch.where(res.rel_residual > 0, res.abs_residual / res.rel_residual,
-                            torch.zeros_like(res.abs_residual))
+    fz_lowest = torch.where(res.rel_residual > 0, res.abs_residual / res.rel_residual, z_norm)
     lowest = lowest_abs if stop_mode == "abs" else lowest_abs / (_batch_norm(fz_lowest) + 1e-9)
     return {
         "result": res.z,

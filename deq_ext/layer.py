@@ -119,8 +119,29 @@ class _ImplicitGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the adjoint solve builds no graph
+            raise RuntimeError("deq_ext: higher-order gradients through a DEQ's implicit backward "
+                               "are not supported (backward with create_graph=True)")
         fz, z_leaf = ctx.saved_tensors
         return ctx.backward_solve(fz, z_leaf, grad), None, None
+
+
+def _needs_more_than(out: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``out``'s graph reaches a leaf other than ``leaf``: parameters or inputs to
+    differentiate. A frozen f applied to inputs without grad needs no adjoint solve."""
+    stack, seen = [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
 
 
 def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
@@ -194,8 +215,8 @@ def deq_fixed_point(
 
     z_leaf = z_star.detach().requires_grad_()
     fz = f(z_leaf, *inputs)
-    if not fz.requires_grad:
-        return fz
+    if not fz.requires_grad or not _needs_more_than(fz, z_leaf):
+        return fz.detach()
 
     def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         def adjoint(y: torch.Tensor) -> torch.Tensor:
@@ -203,9 +224,14 @@ def deq_fixed_point(
                 (vjp,) = torch.autograd.grad(fz, z_leaf, y, retain_graph=True, allow_unused=True)
             return grad if vjp is None else vjp + grad
 
+        # Start from dL/dz*, the first term of the Neumann series: from y = 0 a dL/dz* already
+        # below an absolute tolerance would end the solve at once with a zero gradient. Samples
+        # with non-finite entries start at 0 (the solver rejects a non-finite start) and are
+        # flagged by the solve.
+        finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+        y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
         # The adjoint's VJPs run through the graph of f on the whole batch: never compacted.
-        out = solve(adjoint, torch.zeros_like(grad), method=bwd.method,
-                    **{**bwd.solver_kwargs(), "compact": False})
+        out = solve(adjoint, y0, method=bwd.method, **{**bwd.solver_kwargs(), "compact": False})
         if stats is not None:
             stats["backward"] = SolverStats.of(out)
         diverged = out.status == Status.DIVERGED
@@ -265,7 +291,8 @@ class DEQ(nn.Module):
                 raise ValueError("z0 is required when the first input is not a tensor shaped like z")
             z0 = torch.zeros_like(inputs[0], dtype=inputs[0].dtype if inputs[0].is_floating_point()
                                   else torch.get_default_dtype())
-        self._stats = {}
+        # Cleared, not replaced: the backward of an earlier call still writes into this dict.
+        self._stats.clear()
         return deq_fixed_point(
             self.f, z0, *inputs, forward=self.forward_settings, backward=self.backward_settings,
             grad_mode=self.grad_mode, phantom_steps=self.phantom_steps,

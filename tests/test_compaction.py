@@ -77,3 +77,25 @@ def test_f_returning_wrong_rows_under_compaction_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         deq_ext.broyden(bad, torch.zeros(B, D, dtype=torch.float64), inputs=inputs, tol=1e-12,
                         max_iter=50)
+
+
+def test_batched_tensors_inside_containers_are_compacted_too():
+    """Tensors in lists, tuples, named tuples and dicts are gathered with z's rows."""
+    from collections import namedtuple
+
+    B, D = 6, 5
+    f, (x, rho, W, scale) = contraction_inputs(B, D, seed=6)
+    Pair = namedtuple("Pair", "rho W")
+
+    def nested(z, parts):
+        return f(z, parts["x"], parts["pair"].rho, parts["pair"].W, parts["more"][0])
+
+    parts = {"x": x, "pair": Pair(rho, W), "more": [scale]}
+    counted = RowCountingF(nested)
+    z0 = torch.zeros(B, D, dtype=torch.float64)
+    on = deq_ext.broyden(counted, z0, inputs=(parts,), max_iter=80, tol=1e-10)
+    off = deq_ext.broyden(nested, z0, inputs=(parts,), max_iter=80, tol=1e-10, compact=False)
+    flat = deq_ext.broyden(f, z0, inputs=(x, rho, W, scale), max_iter=80, tol=1e-10)
+    assert bool(on.converged.all()) and counted.rows < B * counted.calls
+    torch.testing.assert_close(on.z, off.z, rtol=1e-12, atol=1e-12)
+    assert torch.equal(on.z, flat.z) and torch.equal(on.nstep, flat.nstep)

@@ -83,3 +83,20 @@ def test_torchdeq_model_gives_the_same_gradients_with_deq_ext():
         torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-10)
     assert name in torchdeq.solver._solvers
 
+
+
+def test_locuslab_rel_residual_with_an_exactly_solved_sample():
+    """A sample whose map is constant lands on its fixed point (both residuals 0): its ||f(z)|| is
+    ||z||, not 0, in the batch's relative residual."""
+    c = torch.full((4,), 50.0, dtype=torch.float64)
+
+    def f(z):
+        return torch.stack([c.expand_as(z[0]), 0.999 * torch.tanh(z[1]) + 1.0])
+
+    out = compat.broyden(f, torch.zeros(2, 4, dtype=torch.float64), threshold=3, eps=1e-12,
+                         stop_mode="rel")
+    z = out["result"]
+    fz = f(z)
+    want = float((fz - z).norm() / (fz.norm() + 1e-9))  # locuslab/deq's batch-wide definition
+    assert out["lowest"] == pytest.approx(want, rel=1e-9)
+    assert out["rel_trace"][-1] == pytest.approx(want, rel=1e-9)

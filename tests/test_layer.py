@@ -229,3 +229,53 @@ def test_non_finite_gradient_is_flagged_and_other_samples_unaffected():
     deq(x).sum().backward()
     keep = [0, 2, 3]
     torch.testing.assert_close(bad_grad[keep], x.grad[keep], rtol=1e-10, atol=1e-12)
+
+
+def test_tiny_upstream_gradient_is_not_zeroed():
+    """dL/dz* below the backward's absolute tolerance: the adjoint solve starts from dL/dz*, not 0,
+    so the gradient is at worst the one-step estimate rather than exactly zero."""
+    cell = Cell(16)
+    x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    deq = DEQ(cell, forward=dict(tol=1e-12, max_iter=100))  # backward: defaults (abs 1e-6)
+    (1e-7 * deq(x).sum()).backward()
+    got = cell.W.grad.clone()
+    cell.zero_grad()
+    (1e-7 * _unrolled(cell, x).sum()).backward()
+    want = cell.W.grad
+    assert float(got.norm()) > 0
+    assert float((got - want).norm() / want.norm()) < 0.5
+
+
+def test_higher_order_gradients_raise():
+    cell = Cell(5)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    z = DEQ(cell, **TIGHT)(x)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(z.pow(2).sum(), cell.W, create_graph=True)
+
+
+def test_frozen_deq_needs_no_adjoint_solve_but_inputs_still_get_gradients():
+    cell = Cell(8).requires_grad_(False)
+    deq = DEQ(cell, **TIGHT)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert not deq(x).requires_grad  # nothing to differentiate: no graph kept, no adjoint solve
+    x_leaf = x.clone().requires_grad_()
+    z = deq(2 * x_leaf)  # a non-leaf input that requires grad
+    assert z.requires_grad
+    z.sum().backward()
+    want_leaf = x.clone().requires_grad_()
+    _unrolled(cell, 2 * want_leaf).sum().backward()
+    torch.testing.assert_close(x_leaf.grad, want_leaf.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_backward_statistics_survive_a_later_forward():
+    """The stats dict is cleared in place: a backward after another (no-grad) forward still
+    reports its adjoint solve."""
+    deq = DEQ(Cell(8))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    z = deq(x)
+    with torch.no_grad():
+        deq(x)
+    z.sum().backward()
+    assert deq.backward_stats is not None
+    assert bool((deq.backward_stats.status == deq_ext.Status.CONVERGED).all())

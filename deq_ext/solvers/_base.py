@@ -13,6 +13,7 @@ with ``stop_early=False``.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Callable, Optional
@@ -68,6 +69,22 @@ def validate_positive(name: str, value, upper: Optional[float] = None) -> None:
         raise ValueError(f"{name} must be a positive finite number{bound}, got {value!r}")
 
 
+def take_rows(x, rows: torch.Tensor, batch: int):
+    """The ``rows`` of every batched tensor in ``x`` (dim 0 of size ``batch``), also inside lists,
+    tuples (named too) and dicts; everything else is returned unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, rows) if x.dim() >= 1 and x.shape[0] == batch else x
+    if isinstance(x, (list, tuple)):
+        items = [take_rows(v, rows, batch) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    if isinstance(x, dict):
+        out = copy.copy(x)  # keeps the mapping's type (OrderedDict, defaultdict, ...)
+        for k, v in x.items():
+            out[k] = take_rows(v, rows, batch)
+        return out
+    return x
+
+
 class MaskedSolve:
     """State and loop of one batched solve; subclasses implement :meth:`step`."""
 
@@ -88,8 +105,6 @@ class MaskedSolve:
         B = z0.shape[0]
         self.B, self.D = B, z0.numel() // B
         self.state_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        self.batched = [isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B
-                        for x in inputs]
         self.z = z0.detach().reshape(B, self.D).to(self.state_dtype).clone()
         # Compacted evaluations are scattered into this buffer (rows of finished samples go stale).
         self.fz_rows = torch.empty(B, self.D, dtype=z0.dtype, device=self.device) if self.compact else None
@@ -132,8 +147,7 @@ class MaskedSolve:
             out = self.f(z.view(self.shape).to(self.dtype), *self.inputs)
             return self._checked(out, self.shape).reshape(self.B, self.D).contiguous()
         n = rows.numel()
-        inputs = [x.index_select(0, rows) if batched else x
-                  for x, batched in zip(self.inputs, self.batched)]
+        inputs = [take_rows(x, rows, self.B) for x in self.inputs]
         shape = (n,) + tuple(self.shape[1:])
         out = self.f(z.index_select(0, rows).view(shape).to(self.dtype), *inputs)
         self.fz_rows.index_copy_(0, rows, self._checked(out, shape).reshape(n, self.D))
