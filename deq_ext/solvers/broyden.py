@@ -118,8 +118,8 @@ def broyden(
         inputs: extra arguments of f. A tensor whose dim 0 has size B is
             batched: with compaction f gets its rows of the active samples, also
             inside lists, tuples and dicts. Anything else (non-tensors, tensors
-            of another leading size) is passed unchanged. To pass an unbatched tensor whose dim 0 happens
-            to be B, close over it in f instead.
+            of another leading size) is passed unchanged. To pass an unbatched
+            tensor whose dim 0 happens to be B, close over it in f instead.
         compact: evaluate f only on the samples still active (gathering their
             rows of z and of the batched inputs). Default: on when ``inputs``
             are given, off otherwise (an f that closes over batched tensors
