@@ -114,11 +114,19 @@ class TiedAdaptiveEmbedding(nn.Module):
         head = self._head_log_probs(h)
         n0 = self.bounds[1]
         out = torch.zeros(t.shape, dtype=torch.float32, device=h.device)
+        present = set()
         for i, lo, idx in self._clusters(t):
+            present.add(i)
             if i == 0:
                 lp = head[idx].gather(1, t[idx, None]).squeeze(1)
             else:
                 tail = torch.log_softmax(self._logits(h[idx], i), dim=-1)
                 lp = head[idx, n0 + i - 1] + tail.gather(1, (t[idx] - lo)[:, None]).squeeze(1)
             out = out.index_copy(0, idx, -lp)
+        # A tail cluster without targets in this batch must still take part in the loss (with
+        # weight 0): DistributedDataParallel expects a gradient for every parameter.
+        absent = [p for i in range(1, self.n_clusters) if i not in present
+                  for p in (self.tables[i].weight, self.biases[i], *self.projections[i].parameters())]
+        if absent:
+            out = out + 0.0 * sum(p.sum() for p in absent)
         return out.view(shape)

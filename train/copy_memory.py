@@ -192,6 +192,8 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
               f"device={device} world={world}; baselines: class prior "
               f"{base['class_prior']:.4f}, blank-then-uniform {base['blank_then_uniform']:.4f}",
               flush=True)
+    # The model was built from cfg.seed on every rank; dropout masks now differ per rank.
+    seed_everything(cfg.seed + rank)
     summary = train(cfg, task, rank, world, device, stop_at=stop_at)
     summary.update(params=n_params, baselines=base)
     final = summary["final"]

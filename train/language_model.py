@@ -133,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
               f"train tokens={corpus.streams['train'].numel()} preset={cfg.model_preset} "
               f"params={n_params} tgt_len={task.tgt_len} device={device} world={world}",
               flush=True)
+    # The model was built from cfg.seed on every rank; dropout masks now differ per rank.
+    seed_everything(cfg.seed + rank)
     return train(cfg, task, rank, world, device, stop_at=stop_at)
 
 

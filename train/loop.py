@@ -204,6 +204,18 @@ def resolve_resume(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume
 
 
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor (also inside dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_to_cpu(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -219,7 +231,8 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
     raw = task.model.to(device)
     model: nn.Module = raw
     if world > 1:
-        # Every parameter is used in every mode, so no unused-parameter search is needed.
+        # Every parameter takes part in every loss (the adaptive softmax gives clusters without
+        # targets a zero-weighted term), so no unused-parameter search is needed.
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
                                         else None)
     opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -232,7 +245,10 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        task.load_state_dict(ckpt["task"])
+        task_state = ckpt["task"]  # one per rank (a single dict in older checkpoints)
+        if isinstance(task_state, list):
+            task_state = task_state[min(rank, len(task_state) - 1)]
+        task.load_state_dict(task_state)
         set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])
         start = ckpt["step"]
     if cfg.out_dir is not None and main:
@@ -249,15 +265,18 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
     final: dict[str, Any] = {}
 
     def checkpoint(step: int) -> None:
-        # Every rank's RNG is gathered so that each resumes its own dropout stream.
-        states = [rng_state()]
+        # Every rank's RNG and task state (a language model's memory of its own rows) are
+        # gathered, so that each rank resumes its own dropout stream and memory.
+        mine = (rng_state(), _to_cpu(task.state_dict()))
+        states = [mine]
         if world > 1:
             states = [None] * world
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, mine)
         if cfg.out_dir is not None and main:
             save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), model=raw.state_dict(),
                             optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
-                            rng=states, task=task.state_dict(), config=asdict(cfg))
+                            rng=[s[0] for s in states], task=[s[1] for s in states],
+                            config=asdict(cfg))
 
     def evaluate(step: int, final: bool) -> dict[str, Any]:
         raw.eval()
@@ -286,6 +305,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         grad_norm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip) if cfg.clip > 0
                      else None)
         opt.step()
+        lr = sched.get_last_lr()[0]  # the rate this step used, before the schedule moves on
         sched.step()
         value = float(loss.detach())
         losses.append(value)
@@ -294,7 +314,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             log.write({"event": "train", "step": step + 1, "loss": value,
                        "ppl": math.exp(min(value, 50.0)), "mode": mode,
-                       "lr": sched.get_last_lr()[0],
+                       "lr": lr,
                        "grad_norm": None if grad_norm is None else float(grad_norm),
                        **iters, "time": time.time() - t0, "peak_mem_mb": peak_memory_mb(device)})
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:

@@ -44,3 +44,19 @@ def test_output_layer_is_tied_to_the_embedding(lm):
         row = model.embedding.tables[-1].weight[-1]
         row += torch.randn_like(row)
         assert (model.log_probs(h)[..., 63] - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("div_val", [1, 2])
+def test_every_parameter_gets_a_gradient_when_a_cluster_has_no_targets(div_val):
+    """DistributedDataParallel needs a gradient for every parameter in every step: a tail cluster
+    without targets (and without inputs) takes part in the loss with weight 0."""
+    torch.manual_seed(0)
+    emb = TiedAdaptiveEmbedding(50, 16, (10, 30), div_val)
+    h = torch.randn(3, 4, 16, requires_grad=True)
+    targets = torch.randint(0, 10, (3, 4))  # head cluster only
+    nll = emb.nll(h, targets)
+    plain = emb.log_probs(h).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(nll, -plain)  # the zero-weighted terms change no value
+    nll.sum().backward()
+    for name, p in emb.named_parameters():
+        assert p.grad is not None, name

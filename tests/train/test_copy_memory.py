@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from deq_ext import SolverStats
-from train.copy_memory import main
-from train.loop import forward_f_rows
+from train.config import parse_config
+from train.copy_memory import PRESETS, CopyConfig, main
+from train.loop import forward_f_rows, lr_factor
 
 TINY = ["--preset", "tiny"]
 
@@ -49,6 +50,9 @@ def test_metrics_log_and_solver_iterations(tmp_path) -> None:
     assert deq["mode"] == "deq" and deq["fwd_iter"] >= 1 and deq["bwd_iter"] >= 1
     for key in ("loss", "ppl", "time", "peak_mem_mb", "lr"):
         assert key in deq
+    # The logged rate is the one the logged step used (step 5 ran with schedule step 4).
+    cfg = parse_config(CopyConfig, TINY, "x", PRESETS)
+    assert train[0]["lr"] == pytest.approx(cfg.lr * lr_factor(4, cfg))
     assert evals[-1]["step"] == 24 and "test_loss" in evals[-1]
     record = json.loads(results.read_text())
     assert record["final_test"]["test_loss"] == evals[-1]["test_loss"]
@@ -80,3 +84,25 @@ def test_resume_gives_the_same_next_loss(tmp_path) -> None:
 def test_missing_checkpoint_is_an_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         main(TINY + ["--resume", str(tmp_path / "none.pt")])
+
+
+def test_each_rank_builds_the_same_model_but_draws_its_own_dropout_stream(monkeypatch) -> None:
+    import train.copy_memory as script
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def fake_train(cfg, task, rank, world, device, stop_at=None):
+        seen[rank] = (torch.rand(4), next(task.model.parameters()).detach().clone())
+        raise Stop
+
+    monkeypatch.setattr(script, "train", fake_train)
+    for rank in (0, 1):
+        monkeypatch.setattr(script, "init_distributed",
+                            lambda device, r=rank: (r, 2, torch.device("cpu")))
+        with pytest.raises(Stop):
+            script.main(TINY + ["--progress", "false"])
+    assert torch.equal(seen[0][1], seen[1][1])      # identical initial parameters
+    assert not torch.equal(seen[0][0], seen[1][0])  # different random streams (dropout masks)

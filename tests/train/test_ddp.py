@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -46,6 +47,39 @@ def _task(script: str, data_dir: str, rank: int, world: int):
     return cfg, LMTask(cfg, Corpus(data_dir), device, rank, world), device
 
 
+def _resume_worker(rank: int, world: int, port: int, out_dir: str, data_dir: str) -> None:
+    """An uninterrupted LM run, then the same run interrupted after 3 steps and resumed."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from train.loop import seed_everything, train
+
+    runs = {}
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    for name, changes, stop_at in (("full", {}, None), ("part", {"out_dir": ckpt_dir}, 3),
+                                   ("resumed", {"out_dir": ckpt_dir, "resume": "auto"}, None)):
+        cfg, task, device = _task("lm", data_dir, rank, world)
+        seed_everything(cfg.seed + rank)
+        runs[name] = train(dataclasses.replace(cfg, **changes), task, rank, world, device,
+                           stop_at=stop_at)["losses"]
+        dist.barrier()  # the checkpoint is written by rank 0 before anyone resumes
+    torch.save(runs, os.path.join(out_dir, f"resume{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _spawn(fn, args: tuple) -> None:
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    # Bounded: a hung collective fails the test instead of the suite.
+    for _ in range(120):
+        if ctx.join(timeout=1):
+            return
+    for p in ctx.processes:
+        p.kill()
+    raise AssertionError("the 2-process run did not finish in 120 s")
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, script: str, data_dir: str) -> None:
     # The environment torchrun sets for each process.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -69,16 +103,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, script: str, data_di
 @pytest.mark.parametrize("script", ["copy", "lm"])
 def test_two_process_gloo_run_keeps_parameters_identical(tmp_path, script: str) -> None:
     data_dir = write_corpus(tmp_path / "corpus", lines=(100, 10, 10))
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), script, data_dir),
-                             nprocs=2, join=False, start_method="spawn")
-    # Bounded: a hung collective fails the test instead of the suite.
-    for _ in range(120):
-        if ctx.join(timeout=1):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        raise AssertionError("the 2-process run did not finish in 120 s")
+    _spawn(_worker, (2, _free_port(), str(tmp_path), script, data_dir))
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["state"].keys() == r1["state"].keys()
@@ -90,3 +115,14 @@ def test_two_process_gloo_run_keeps_parameters_identical(tmp_path, script: str) 
     else:
         assert not torch.equal(r0["batch"], r1["batch"])
     assert r0["losses"] != r1["losses"]
+
+
+def test_two_process_resume_restores_each_ranks_own_memory(tmp_path) -> None:
+    """Every rank resumes with its own language-model memory and RNG: the resumed losses are
+    those of the uninterrupted run on both ranks."""
+    data_dir = write_corpus(tmp_path / "corpus", lines=(100, 10, 10))
+    _spawn(_resume_worker, (2, _free_port(), str(tmp_path), data_dir))
+    for rank in (0, 1):
+        runs = torch.load(tmp_path / f"resume{rank}.pt")
+        assert runs["part"] == runs["full"][:3], rank
+        assert runs["resumed"] == pytest.approx(runs["full"][3:], rel=1e-6), rank
