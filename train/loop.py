@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deq_ext._tree import map_tensors
+
 from .config import TrainConfig
 
 
@@ -204,18 +206,6 @@ def resolve_resume(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume
 
 
-def _to_cpu(obj: Any) -> Any:
-    """``obj`` with every tensor (also inside dicts, lists, tuples) moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_to_cpu(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -267,7 +257,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
     def checkpoint(step: int) -> None:
         # Every rank's RNG and task state (a language model's memory of its own rows) are
         # gathered, so that each rank resumes its own dropout stream and memory.
-        mine = (rng_state(), _to_cpu(task.state_dict()))
+        mine = (rng_state(), map_tensors(lambda t: t.detach().cpu(), task.state_dict()))
         states = [mine]
         if world > 1:
             states = [None] * world

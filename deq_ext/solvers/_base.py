@@ -13,7 +13,6 @@ with ``stop_early=False``.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import _extension
+from .._tree import map_tensors
 from ..result import SolverResult
 from ..status import Status
 
@@ -72,17 +72,8 @@ def validate_positive(name: str, value, upper: Optional[float] = None) -> None:
 def take_rows(x, rows: torch.Tensor, batch: int):
     """The ``rows`` of every batched tensor in ``x`` (dim 0 of size ``batch``), also inside lists,
     tuples (named too) and dicts; everything else is returned unchanged."""
-    if isinstance(x, torch.Tensor):
-        return x.index_select(0, rows) if x.dim() >= 1 and x.shape[0] == batch else x
-    if isinstance(x, (list, tuple)):
-        items = [take_rows(v, rows, batch) for v in x]
-        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
-    if isinstance(x, dict):
-        out = copy.copy(x)  # keeps the mapping's type (OrderedDict, defaultdict, ...)
-        for k, v in x.items():
-            out[k] = take_rows(v, rows, batch)
-        return out
-    return x
+    return map_tensors(
+        lambda t: t.index_select(0, rows) if t.dim() >= 1 and t.shape[0] == batch else t, x)
 
 
 class MaskedSolve:
