@@ -8,6 +8,9 @@ Environment switches:
 * ``DEQ_EXT_FORCE_CPU=1``  build the CPU kernels only, even where CUDA is found.
 * ``DEQ_EXT_FORCE_CUDA=1`` build the CUDA kernels too, and fail loudly if torch
   has no CUDA or nvcc is not found (instead of quietly building CPU only).
+* ``DEQ_EXT_BUILD_EMU=1``  also build the test-only module ``deq_ext._C_emu``: the
+  CUDA kernels compiled as host C++ on the CUDA emulation (csrc/emu), so the test
+  suite runs them on a machine without a GPU. Needs neither nvcc nor CUDA torch.
 * ``TORCH_CUDA_ARCH_LIST`` target architectures, e.g. ``"8.0;9.0"``. Left
   unset, the visible GPUs' architectures are used, or ``8.0;9.0`` (sm_80 and
   sm_90) when no GPU is visible.
@@ -120,7 +123,7 @@ def extensions():
         print(f"deq_ext: building CPU and CUDA kernels for architectures {archs}")
     else:
         print("deq_ext: building CPU kernels only")
-    return [
+    modules = [
         kind(
             name=CONFIG["module"],
             sources=sources,
@@ -129,6 +132,32 @@ def extensions():
             extra_link_args=openmp,
         )
     ]
+    if _flag("DEQ_EXT_BUILD_EMU"):
+        modules.append(_emulated_extension(cpp_extension, torch_version))
+    return modules
+
+
+def _emulated_extension(cpp_extension, torch_version: str):
+    """deq_ext._C_emu: the .cu files with their launches rewritten, compiled as host C++."""
+    sys.path.insert(0, str(ROOT / "csrc" / "emu"))
+    from rewrite_launches import emulated_source
+
+    out_dir = ROOT / "build" / "emu_src"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = list(CONFIG["emu_sources"])
+    for cu in CONFIG["cuda_sources"]:
+        target = out_dir / (Path(cu).stem + ".cpp")
+        text = emulated_source(ROOT / cu, display_name=cu)
+        if not target.exists() or target.read_text() != text:  # keep ninja's timestamps
+            target.write_text(text)
+        sources.append(str(target.relative_to(ROOT)))
+    print("deq_ext: building the CUDA emulation module deq_ext._C_emu (tests only)")
+    return cpp_extension.CppExtension(
+        name=CONFIG["emu_module"],
+        sources=sources,
+        include_dirs=[str(ROOT / d) for d in CONFIG["emu_include_dirs"]],
+        extra_compile_args={"cxx": CONFIG["emu_cxx_flags"] + [f"-DDEQ_EXT_TORCH_VERSION={torch_version}"]},
+    )
 
 
 def build_ext_cmdclass():

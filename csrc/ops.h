@@ -1,5 +1,5 @@
-// Declarations of the device-specific implementations behind the bound ops.
-// Argument checking happens once, in bindings.cpp, before these are called.
+// Declarations of the device-specific implementations behind the dispatcher ops.
+// Argument checking happens once, in op_checks.h, before these are called.
 #pragma once
 
 #include <torch/extension.h>
@@ -33,7 +33,8 @@ void fixed_point_step_cpu(const at::Tensor& z, const at::Tensor& g, const at::Te
 void anderson_store_cpu(const AndersonArgs& t);
 void anderson_mix_cpu(const AndersonArgs& t, double beta, double lam);
 
-#ifdef DEQ_EXT_WITH_CUDA
+// Defined by csrc/cuda/*.cu: compiled by nvcc for the CUDA build, or as host C++
+// for the emulated module (csrc/emu).
 void residual_status_cuda(const ResidualArgs& t, const StatusParams& p);
 void broyden_reduce_cuda(const HistoryArgs& t);
 void broyden_expand_cuda(const HistoryArgs& t);
@@ -41,6 +42,5 @@ void fixed_point_step_cuda(const at::Tensor& z, const at::Tensor& g, const at::T
                            double tau);
 void anderson_store_cuda(const AndersonArgs& t);
 void anderson_mix_cuda(const AndersonArgs& t, double beta, double lam);
-#endif
 
 }  // namespace deq_ext

@@ -1,20 +1,37 @@
-"""Loads the compiled extension ``deq_ext._C`` once and picks each op's implementation.
+"""Loads the compiled extension once and picks the ops a solve calls.
 
-If the extension is missing (the package was not compiled, or was compiled
-against another torch) the ops fall back to the pure-PyTorch twins in
-:mod:`deq_ext.reference`, with one warning saying so.
+Importing ``deq_ext._C`` registers every op in PyTorch's dispatcher as
+``torch.ops.deq_ext.<name>`` (CPU kernels, and CUDA kernels when they were built),
+with a schema that marks the tensors it writes; their fake implementations for
+torch.compile are registered here (:mod:`deq_ext._fake`). If the extension is
+missing (the package was not compiled, or was compiled against another torch) the
+ops fall back to the pure-PyTorch twins in :mod:`deq_ext.reference`, with one
+warning saying so.
+
+The test-only module ``deq_ext._C_emu`` (built with ``DEQ_EXT_BUILD_EMU=1``) holds
+the CUDA kernels compiled as host C++ on the CUDA emulation, registered as
+``torch.ops.deq_ext_emu.<name>`` for CPU tensors; :func:`emulated_ops` returns
+them and :func:`use_ops` routes solves through them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import warnings
-from types import ModuleType
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import Any, Iterator, Optional
 
-from . import reference
+import torch
 
-_C: ModuleType | None
-_LOAD_ERROR: str | None
+from . import _fake, reference
+
+# Every op, by the name it has in the dispatcher, in reference.py and in the schemas.
+OP_NAMES = ("residual_status_", "broyden_reduce", "broyden_expand_", "fixed_point_step_",
+            "anderson_store_", "anderson_mix_")
+
+_C: Optional[ModuleType]
+_LOAD_ERROR: Optional[str]
 try:
     from . import _C  # type: ignore[attr-defined, no-redef]
 
@@ -24,6 +41,19 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     _LOAD_ERROR = str(exc)
 
 _warned = False
+_override: Optional[Any] = None
+
+
+def _overloads(namespace: str) -> SimpleNamespace:
+    """The ops of ``torch.ops.<namespace>`` as their default overloads (the cheapest call)."""
+    ns = getattr(torch.ops, namespace)
+    return SimpleNamespace(**{name: getattr(ns, name).default for name in OP_NAMES})
+
+
+_COMPILED: Optional[SimpleNamespace] = None
+if _C is not None:
+    _fake.register("deq_ext", OP_NAMES)
+    _COMPILED = _overloads("deq_ext")
 
 
 def available() -> bool:
@@ -38,24 +68,34 @@ def build_info() -> dict[str, Any]:
     they need to run on torch's threads when torch parallelizes with OpenMP.
     ``cuda_archs`` lists the compute capabilities the CUDA kernels were built
     for (for example ``['8.0', '9.0']``); it is empty when CUDA was not built.
+    ``emulation`` says whether the test-only CUDA emulation module was built (it is
+    not imported by this call).
     When the extension could not be loaded, ``loaded`` is False and ``error``
     says why.
     """
     if _C is None:
-        return {"loaded": False, "cpu": False, "cuda": False, "cuda_archs": [], "error": _LOAD_ERROR}
+        return {"loaded": False, "cpu": False, "cuda": False, "cuda_archs": [],
+                "emulation": False, "error": _LOAD_ERROR}
     info = dict(_C.build_info())
     archs = info.get("cuda_archs", "")
     info["cuda_archs"] = [a for a in archs.split("+") if a] if archs else []
+    info["emulation"] = importlib.util.find_spec(f"{__package__}._C_emu") is not None
     info["loaded"] = True
     return info
 
 
-def ops(force_reference: bool = False) -> ModuleType:
-    """The module whose ``residual_status_``, ``broyden_reduce``, ``broyden_expand_`` to call."""
+def ops(force_reference: bool = False) -> Any:
+    """The ops a solve calls: ``residual_status_``, ``broyden_reduce``, ... as attributes.
+
+    The dispatcher ops of the extension, or :mod:`deq_ext.reference` when asked
+    for or when the extension is missing; inside :func:`use_ops`, the ops given there.
+    """
     global _warned
     if force_reference:
         return reference
-    if _C is None:
+    if _override is not None:
+        return _override
+    if _COMPILED is None:
         if not _warned:
             warnings.warn(
                 "deq_ext: the compiled extension is not available, using the pure-PyTorch "
@@ -66,4 +106,42 @@ def ops(force_reference: bool = False) -> ModuleType:
             )
             _warned = True
         return reference
-    return _C
+    return _COMPILED
+
+
+_EMU: Optional[ModuleType] = None
+_EMU_OPS: Optional[SimpleNamespace] = None
+
+
+def emulation_module() -> Optional[ModuleType]:
+    """``deq_ext._C_emu`` (schedule controls and counters) when it was built, else None."""
+    global _EMU, _EMU_OPS
+    if _EMU is None and _C is not None:
+        try:
+            from . import _C_emu  # type: ignore[attr-defined]
+        except ImportError:
+            return None
+        _fake.register("deq_ext_emu", OP_NAMES)
+        _EMU, _EMU_OPS = _C_emu, _overloads("deq_ext_emu")
+    return _EMU
+
+
+def emulated_ops() -> Optional[SimpleNamespace]:
+    """The CUDA kernels on the CPU emulation (``torch.ops.deq_ext_emu``), or None if not built."""
+    emulation_module()
+    return _EMU_OPS
+
+
+@contextlib.contextmanager
+def use_ops(op_set: Any) -> Iterator[None]:
+    """Within the block, solves (and :func:`ops`) use ``op_set`` instead of the compiled ops.
+
+    For tests: ``with use_ops(emulated_ops()): deq_ext.broyden(...)`` runs a whole
+    solve through the emulated CUDA kernels.
+    """
+    global _override
+    previous, _override = _override, op_set
+    try:
+        yield
+    finally:
+        _override = previous

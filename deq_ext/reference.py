@@ -1,14 +1,16 @@
 """Pure-PyTorch twin of every extension op, with the same semantics op by op.
 
 The solver state lives in flat ``(B, D)`` / ``(B, m, D)`` tensors (see
-DESIGN.md). Every op reads and writes only the samples whose ``status`` is
+docs/design.md). Every op reads and writes only the samples whose ``status`` is
 ``Status.ACTIVE``; all others are left bit for bit as they were. The compiled
 ops in ``deq_ext._C`` are tested against these functions, and the solver falls
 back to them when the extension is not available.
 
-Accumulation precision: float64 state is reduced in float64; float32 state is
-reduced in float64 here (the CPU kernels do the same, the CUDA kernels use
-float32 tree reductions), so float32 comparisons need a float32 tolerance.
+Accumulation precision: every reduction accumulates in float64, for float32
+state too, here as in the CPU and CUDA kernels, so that per-sample decisions (a
+usable Broyden denominator, a new best iterate) are taken from the same sums on
+every device. The kernels add in a different order (chunked), so float32
+comparisons still need a float32 tolerance.
 """
 
 from __future__ import annotations

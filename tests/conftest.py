@@ -1,11 +1,23 @@
-"""Shared fixtures: one suite parametrized over devices (CUDA cases skip without a GPU)."""
+"""Shared fixtures: one suite parametrized over devices.
+
+* ``cpu``: the CPU kernels.
+* ``cuda``: the CUDA kernels on a GPU (skipped without one).
+* ``cuda-emu``: the same CUDA kernels compiled as host C++ on the CUDA emulation
+  (``deq_ext._C_emu``, built with ``DEQ_EXT_BUILD_EMU=1``), on CPU tensors: every op
+  and solve of the test runs through them, under a seeded random thread schedule.
+  Skipped when the module was not built, a failure when ``DEQ_EXT_EXPECT_EMU=1``.
+"""
 
 from __future__ import annotations
+
+import os
+import zlib
 
 import pytest
 import torch
 
 import deq_ext
+from deq_ext import _extension
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -17,22 +29,56 @@ DEVICES = [
             pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
         ],
     ),
+    pytest.param("cuda-emu", id="cuda-emu", marks=[pytest.mark.cuda_emu]),
 ]
 
 
+def emulation_or_skip():
+    """The emulation module, or a skip (a failure where CI expects it)."""
+    emu = _extension.emulation_module()
+    if emu is None:
+        if os.environ.get("DEQ_EXT_EXPECT_EMU") == "1":
+            pytest.fail("DEQ_EXT_EXPECT_EMU=1 but deq_ext._C_emu was not built "
+                        "(build with DEQ_EXT_BUILD_EMU=1)")
+        pytest.skip("deq_ext._C_emu not built (DEQ_EXT_BUILD_EMU=1)")
+    return emu
+
+
 @pytest.fixture(params=DEVICES)
-def device(request) -> torch.device:
+def device(request):
+    if request.param == "cuda-emu":
+        emu = emulation_or_skip()
+        emu.set_schedule("random", zlib.crc32(request.node.nodeid.encode()))
+        launches = emu.stats()["launches"]
+        with _extension.use_ops(_extension.emulated_ops()):
+            yield torch.device("cpu")
+        # A cuda-emu case that launched no kernel would pass without testing one.
+        if request.node.get_closest_marker("no_kernel_launch") is None:
+            assert emu.stats()["launches"] > launches, "no emulated CUDA kernel was launched"
+        return
     dev = torch.device(request.param)
     if dev.type == "cuda" and not deq_ext.build_info().get("cuda", False):
         pytest.fail("a CUDA device is present but deq_ext was built without CUDA kernels")
-    return dev
+    yield dev
 
 
 @pytest.fixture
-def ext():
-    """The compiled ops module; these tests are about it, so its absence is a failure."""
+def ext(request):
+    """The ops under test (the device's, when the test has a device); these tests are about the
+    compiled ops, so a missing extension is a failure."""
     info = deq_ext.build_info()
     assert info["loaded"], f"deq_ext._C failed to load: {info.get('error')}"
-    from deq_ext import _C
+    if "device" in request.fixturenames:
+        request.getfixturevalue("device")
+    return _extension.ops()
 
-    return _C
+
+def pytest_terminal_summary(terminalreporter):
+    """One line on how much of the run went through the emulated CUDA kernels."""
+    passed = [r for r in terminalreporter.stats.get("passed", []) if "cuda-emu" in r.nodeid]
+    emu = _extension.emulation_module() if passed else None
+    if emu is not None:
+        s = emu.stats()
+        terminalreporter.write_line(
+            f"cuda-emu: {len(passed)} passed test cases ran the CUDA kernels on the emulation "
+            f"({s['launches']} launches, {s['blocks']} blocks, {s['threads']} threads)")

@@ -79,3 +79,9 @@ def assert_states_match(got: dict, want: dict, before: dict, dtype: torch.dtype,
         tol = {k: max(v, 1e-15 * amplification) for k, v in TOL[dtype].items()}
         torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                    equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaNs included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

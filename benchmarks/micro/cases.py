@@ -43,13 +43,12 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 import deq_ext
-from deq_ext import reference
+from deq_ext import _extension, reference
 from deq_ext.bench.bandwidth import fused_bytes, torchdeq_matvecs, torchdeq_update
 from deq_ext.bench.config import BandwidthSizes
 from deq_ext.status import Status
@@ -110,7 +109,7 @@ class Sweep:
 # Full CPU sizes: the base history (U + V, 32 MiB in float32) is as big as the 32 MiB L3 of
 # the development machine and the larger points spill out of it; the reference twin takes
 # about 0.7 s per Broyden iteration at the base point, which bounds the sweep on 2 cores.
-# Full CUDA sizes: DESIGN.md's B=16, D=150*700, m=30. Tiny: awkward sizes (D=1, 129; m=1),
+# Full CUDA sizes: docs/design.md's B=16, D=150*700, m=30. Tiny: awkward sizes (D=1, 129; m=1),
 # seconds for every case on a CPU.
 SWEEPS: dict[tuple[str, str], Sweep] = {
     ("full", "cpu"): Sweep(
@@ -156,7 +155,7 @@ class Case:
 class Kind:
     """A benchmarked op or iteration: how to build its case and whether m matters."""
 
-    build: Callable[[ModuleType, Point], Case]
+    build: Callable[[Any, Point], Case]
     uses_memory: bool
     impls: tuple[str, ...] = IMPLS
 
@@ -264,28 +263,28 @@ def _bytes(p: Point, rows: int) -> int:
     return p.torch_dtype.itemsize * p.active * p.dim * rows
 
 
-def _residual(ops: ModuleType, st: dict) -> None:
+def _residual(ops: Any, st: dict) -> None:
     ops.residual_status_(*(st[k] for k in RESIDUAL_ARGS), TOL, False, STALL_PATIENCE,
                          DIVERGE_RATIO, True, True)
 
 
-def _reduce(ops: ModuleType, st: dict) -> None:
+def _reduce(ops: Any, st: dict) -> None:
     ops.broyden_reduce(*(st[k] for k in REDUCE_ARGS))
 
 
-def _expand(ops: ModuleType, st: dict) -> None:
+def _expand(ops: Any, st: dict) -> None:
     ops.broyden_expand_(*(st[k] for k in EXPAND_ARGS))
 
 
-def _store(ops: ModuleType, st: dict) -> None:
+def _store(ops: Any, st: dict) -> None:
     ops.anderson_store_(*(st[k] for k in STORE_ARGS))
 
 
-def _mix(ops: ModuleType, st: dict) -> None:
+def _mix(ops: Any, st: dict) -> None:
     ops.anderson_mix_(*(st[k] for k in MIX_ARGS), BETA, LAM)
 
 
-def _fixed_point(ops: ModuleType, st: dict) -> None:
+def _fixed_point(ops: Any, st: dict) -> None:
     ops.fixed_point_step_(st["z"], st["g"], st["status"], TAU)
 
 
@@ -309,33 +308,33 @@ def _mix_reset(st: dict) -> Callable[[], None]:
     return _restorer([st["z"], st["alpha"], st["fallback"]])
 
 
-def residual_status_case(ops: ModuleType, p: Point) -> Case:
+def residual_status_case(ops: Any, p: Point) -> Case:
     st = residual_state(_Inputs(p, "residual"))
     return Case(lambda: _residual(ops, st), _residual_reset(st), _bytes(p, 6), "6")
 
 
-def broyden_reduce_case(ops: ModuleType, p: Point) -> Case:
+def broyden_reduce_case(ops: Any, p: Point) -> Case:
     st = broyden_state(_Inputs(p, "broyden"))
     # reduce only writes proj and scal, which it fully overwrites: nothing to restore.
     return Case(lambda: _reduce(ops, st), lambda: None, _bytes(p, 2 * p.m + 3), "2m+3")
 
 
-def broyden_expand_case(ops: ModuleType, p: Point) -> Case:
+def broyden_expand_case(ops: Any, p: Point) -> Case:
     st = broyden_state(_Inputs(p, "broyden"))
     return Case(lambda: _expand(ops, st), _expand_reset(st), _bytes(p, 2 * p.m + 8), "2m+8")
 
 
-def fixed_point_step_case(ops: ModuleType, p: Point) -> Case:
+def fixed_point_step_case(ops: Any, p: Point) -> Case:
     st = residual_state(_Inputs(p, "fixed_point"))
     return Case(lambda: _fixed_point(ops, st), _restorer([st["z"]]), _bytes(p, 3), "3")
 
 
-def anderson_store_case(ops: ModuleType, p: Point) -> Case:
+def anderson_store_case(ops: Any, p: Point) -> Case:
     st = anderson_state(_Inputs(p, "anderson"))
     return Case(lambda: _store(ops, st), _store_reset(st), _bytes(p, p.m + 4), "m+4")
 
 
-def anderson_mix_case(ops: ModuleType, p: Point) -> Case:
+def anderson_mix_case(ops: Any, p: Point) -> Case:
     st = anderson_state(_Inputs(p, "anderson"))
     return Case(lambda: _mix(ops, st), _mix_reset(st), _bytes(p, 2 * p.m + 1), "2m+1")
 
@@ -346,7 +345,7 @@ def broyden_iteration_bytes(p: Point) -> int:
     return _bytes(p, 6) + fused_bytes(sizes, p.torch_dtype.itemsize)
 
 
-def broyden_iteration_case(ops: ModuleType, p: Point) -> Case:
+def broyden_iteration_case(ops: Any, p: Point) -> Case:
     """What the Broyden driver issues per iteration outside f (see solvers/broyden.py)."""
     st = broyden_state(_Inputs(p, "broyden"))
 
@@ -359,7 +358,7 @@ def broyden_iteration_case(ops: ModuleType, p: Point) -> Case:
     return Case(body, reset, broyden_iteration_bytes(p), "4m+17")
 
 
-def anderson_iteration_case(ops: ModuleType, p: Point) -> Case:
+def anderson_iteration_case(ops: Any, p: Point) -> Case:
     st = anderson_state(_Inputs(p, "anderson"))
 
     def body() -> None:
@@ -371,7 +370,7 @@ def anderson_iteration_case(ops: ModuleType, p: Point) -> Case:
     return Case(body, reset, _bytes(p, 3 * p.m + 11), "3m+11")
 
 
-def fixed_point_iteration_case(ops: ModuleType, p: Point) -> Case:
+def fixed_point_iteration_case(ops: Any, p: Point) -> Case:
     st = residual_state(_Inputs(p, "fixed_point"))
 
     def body() -> None:
@@ -421,10 +420,10 @@ def torchdeq_broyden_iteration_case(p: Point) -> Case:
     return Case(body, reset, broyden_iteration_bytes(p), "4m+17")
 
 
-def _with_torchdeq(build: Callable[[ModuleType, Point], Case]) -> Callable[[ModuleType, Point], Case]:
+def _with_torchdeq(build: Callable[[Any, Point], Case]) -> Callable[[Any, Point], Case]:
     """``ops`` None selects torchdeq (used for the Broyden iteration only)."""
 
-    def pick(ops: Optional[ModuleType], p: Point) -> Case:
+    def pick(ops: Optional[Any], p: Point) -> Case:
         return torchdeq_broyden_iteration_case(p) if ops is None else build(ops, p)
 
     return pick
@@ -468,8 +467,8 @@ def specs(kinds: dict[str, Kind], sizes: str, device: str) -> list[Spec]:
             for impl in kind.impls]
 
 
-def ops_module(impl: str, device: str) -> Optional[ModuleType]:
-    """The module whose ops ``impl`` names (None: torchdeq); raises if it cannot run here."""
+def ops_module(impl: str, device: str) -> Any:
+    """What holds the ops ``impl`` names (None: torchdeq); raises if it cannot run here."""
     if impl == "reference":
         return reference
     if impl == "torchdeq":
@@ -479,9 +478,7 @@ def ops_module(impl: str, device: str) -> Optional[ModuleType]:
         raise RuntimeError(f"deq_ext._C is not loaded: {info.get('error')}")
     if device == "cuda" and not info.get("cuda"):
         raise RuntimeError("a CUDA device is present but deq_ext was built without CUDA kernels")
-    from deq_ext import _C
-
-    return _C
+    return _extension.ops()
 
 
 __all__ = ["Case", "Kind", "ITERATIONS", "OPS", "Point", "Spec", "SWEEPS", "ops_module",

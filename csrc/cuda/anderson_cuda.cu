@@ -54,8 +54,8 @@ __global__ void __launch_bounds__(kThreads)
     store_kernel(scalar_t* X, scalar_t* G, const scalar_t* __restrict__ z,
                  const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                  const int64_t* __restrict__ nhist, int64_t m, int64_t D, int64_t nch,
-                 accum_t<scalar_t>* __restrict__ part) {
-  using acc_t = accum_t<scalar_t>;
+                 accum_t* __restrict__ part) {
+  using acc_t = accum_t;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   const int64_t slot = nhist[b] % m;
@@ -89,10 +89,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per sample: totals over chunks in order into the Gram row/column, nhist += 1.
 template <typename scalar_t>
-__global__ void store_finalize_kernel(const accum_t<scalar_t>* __restrict__ part,
+__global__ void store_finalize_kernel(const accum_t* __restrict__ part,
                                       scalar_t* gram, const int64_t* __restrict__ status,
                                       int64_t* nhist, int64_t m, int64_t nch, int64_t B) {
-  using acc_t = accum_t<scalar_t>;
+  using acc_t = accum_t;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B || status[b] != kActive) return;
   const int64_t slot = nhist[b] % m;
@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
                const scalar_t* __restrict__ alpha, scalar_t* z,
                const int64_t* __restrict__ status, const int64_t* __restrict__ nhist,
                double beta, int64_t m, int64_t D, int64_t nch) {
-  using acc_t = accum_t<scalar_t>;
+  using acc_t = accum_t;
   const int64_t b = blockIdx.x / nch, chunk = blockIdx.x % nch;
   if (status[b] != kActive) return;
   const int64_t n = nhist[b] < m ? nhist[b] : m;
@@ -180,7 +180,7 @@ void anderson_store_cuda(const AndersonArgs& t) {
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_store_cuda", [&] {
-    using acc_t = accum_t<scalar_t>;
+    using acc_t = accum_t;
     at::Tensor part =
         at::empty({B, nch, m}, t.X.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     store_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(

@@ -11,8 +11,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <type_traits>
-
 #include "../ops.h"
 #include "launch.cuh"
 
@@ -86,7 +84,7 @@ __global__ void __launch_bounds__(kThreads)
                     scalar_t* __restrict__ g, scalar_t* __restrict__ dg,
                     const int64_t* __restrict__ status, int64_t D, int64_t nch,
                     double* __restrict__ part) {
-  using acc_t = double;
+  using acc_t = accum_t;
   const ChunkPos pos = chunk_pos(nch, D);
   if (status[pos.b] != kActive) return;
   const int64_t row = pos.b * D;
@@ -177,11 +175,9 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 
 // Pairs reduced per tile: their loads are all in flight together, and one
-// __syncthreads serves 3 * kPairs block sums.
-template <typename scalar_t>
-constexpr int reduce_pairs() {
-  return std::is_same_v<scalar_t, float> ? 8 : 4;
-}
+// __syncthreads serves 3 * kPairs block sums (of double accumulators, whatever the
+// state dtype, so the register budget is the same for float and double).
+constexpr int kReducePairs = 4;
 
 // Partial sums over this chunk, out = part[b, chunk, :]:
 //   out[j] = U_j.dz, out[m + j] = V_j.dg, out[2m + j] = V_j.g  for j < k,
@@ -194,8 +190,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dg,
                   const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                   const int64_t* __restrict__ npairs, int64_t m, int64_t D, int64_t nch,
-                  accum_t<scalar_t>* __restrict__ part) {
-  using acc_t = accum_t<scalar_t>;
+                  accum_t* __restrict__ part) {
+  using acc_t = accum_t;
   static_assert(3 * kPairs <= kThreads, "one tile total per thread");
   const ChunkPos pos = chunk_pos(nch, D);
   const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
@@ -268,46 +264,42 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x < 2) out[3 * m + threadIdx.x] = tot;
 }
 
-// Per sample: totals over chunks (in chunk order) into proj, then the
-// Sherman-Morrison scalars into scal. proj entries j >= k are written as 0.
+// Per sample: totals over chunks (in chunk order), rounded into proj, then the
+// Sherman-Morrison scalars from the unrounded totals into scal (as the CPU twin).
+// The totals overwrite chunk 0's partial sums: each column q is read and written by
+// its own thread only. proj entries j >= k are written as 0.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    reduce_finalize_kernel(const accum_t<scalar_t>* __restrict__ part,
-                           const int64_t* __restrict__ status,
+    reduce_finalize_kernel(accum_t* __restrict__ part, const int64_t* __restrict__ status,
                            const int64_t* __restrict__ npairs, int64_t m, int64_t nch,
                            scalar_t* proj, scalar_t* scal) {
-  using acc_t = accum_t<scalar_t>;
-  // The totals are kept in proj and read back by sherman_morrison, which
-  // wants them in acc_t: on CUDA that is the state dtype itself.
-  static_assert(std::is_same_v<acc_t, scalar_t>, "proj must hold acc_t totals");
+  using acc_t = accum_t;
   const int64_t b = blockIdx.x;
   if (status[b] != kActive) return;
   const int64_t k = stored_pairs(npairs[b], m);
   const int64_t Q = 3 * m + 2;
-  const acc_t* pb = part + b * nch * Q;
+  acc_t* pb = part + b * nch * Q;
   scalar_t* pr = proj + b * 3 * m;
-  __shared__ acc_t dots[2];
   for (int64_t q = threadIdx.x; q < Q; q += kFinalizeThreads) {
     acc_t tot = 0;
     if (q >= 3 * m || q % m < k) {
 #pragma unroll 32
       for (int64_t c = 0; c < nch; ++c) tot += pb[c * Q + q];
     }
-    if (q < 3 * m)
-      pr[q] = tot;
-    else
-      dots[q - 3 * m] = tot;
+    pb[q] = tot;
+    if (q < 3 * m) pr[q] = static_cast<scalar_t>(tot);
   }
-  __syncthreads();  // makes the proj and dots writes visible to thread 0
+  __syncthreads();  // makes every total visible to thread 0
   if (threadIdx.x != 0) return;
   acc_t den, vg, valid;
-  sherman_morrison<acc_t>(pr, pr + m, pr + 2 * m, k, dots[0], dots[1], &den, &vg, &valid);
+  sherman_morrison<acc_t>(pb, pb + m, pb + 2 * m, k, pb[3 * m], pb[3 * m + 1], &den, &vg,
+                          &valid);
   scalar_t* s = scal + b * kNumScalars;
-  s[kDzDg] = dots[0];
-  s[kDzG] = dots[1];
-  s[kDen] = den;
-  s[kVG] = vg;
-  s[kValid] = valid;
+  s[kDzDg] = static_cast<scalar_t>(pb[3 * m]);
+  s[kDzG] = static_cast<scalar_t>(pb[3 * m + 1]);
+  s[kDen] = static_cast<scalar_t>(den);
+  s[kVG] = static_cast<scalar_t>(vg);
+  s[kValid] = static_cast<scalar_t>(valid);
 }
 
 // ---------------------------------------------------------------------------
@@ -359,7 +351,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const scalar_t* __restrict__ proj, const scalar_t* __restrict__ scal,
                   const int64_t* __restrict__ status, const int64_t* __restrict__ npairs,
                   int64_t m, int64_t D, int64_t nch) {
-  using acc_t = accum_t<scalar_t>;
+  using acc_t = accum_t;
   const ChunkPos pos = chunk_pos(nch, D);
   const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
   if (st != kActive) return;
@@ -456,13 +448,13 @@ void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
 
 template <typename scalar_t>
 void reduce_impl(const HistoryArgs& t) {
-  using acc_t = accum_t<scalar_t>;
+  using acc_t = accum_t;
   const int64_t B = t.U.size(0), m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor part = at::empty(
       {B, nch, 3 * m + 2}, t.U.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 
-  reduce_kernel<scalar_t, reduce_pairs<scalar_t>()>
+  reduce_kernel<scalar_t, kReducePairs>
       <<<chunk_grid(B, nch), kThreads, 0, stream>>>(
           t.U.data_ptr<scalar_t>(), t.V.data_ptr<scalar_t>(), t.dz.data_ptr<scalar_t>(),
           t.dg.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),

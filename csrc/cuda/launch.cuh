@@ -6,7 +6,6 @@
 // is not limited by the 65535 cap of gridDim.y.
 #pragma once
 
-#include <ATen/AccumulateType.h>
 #include <c10/util/Exception.h>
 
 #include <climits>
@@ -21,9 +20,11 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kEPT = 4;  // elements per thread
 constexpr int64_t kChunk = kThreads * kEPT;
 
-// Accumulation type of a reduction over values of type T (float for half/float, double for double).
-template <typename T>
-using accum_t = at::acc_type<T, /*is_cuda=*/true>;
+// Accumulation type of every reduction: double for float32 and float64 state, as in the
+// CPU twin and the reference, so that every per-sample decision (is the Broyden
+// denominator usable, which iterate is best) is taken from the same sums on every
+// device. The passes are bandwidth-bound: the wider adds cost no memory traffic.
+using accum_t = double;
 
 inline int64_t num_chunks(int64_t D) { return (D + kChunk - 1) / kChunk; }
 

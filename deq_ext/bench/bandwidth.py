@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import torch
 
 import deq_ext
+from deq_ext import _extension
 from deq_ext.status import Status
 
 from .config import BandwidthSizes, Config
@@ -35,11 +36,11 @@ def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] 
     """Median seconds of one ``broyden_reduce`` + ``broyden_expand_`` at a full ring.
 
     ``active``: how many samples are still iterating (the first ones; the others are
-    CONVERGED and must cost nothing); all by default. ``ops``: the module holding the two
-    passes, the compiled ``deq_ext._C`` by default (``deq_ext.reference`` for its twin).
+    CONVERGED and must cost nothing); all by default. ``ops``: what holds the two passes,
+    the compiled ops (``torch.ops.deq_ext``) by default (``deq_ext.reference`` for its twin).
     """
     if ops is None:
-        from deq_ext import _C as ops
+        ops = _extension.ops()
 
     st = _history(cfg, sizes)
     dev, dt = cfg.torch_device, cfg.torch_dtype

@@ -1,7 +1,7 @@
 """What every per-sample masked solver shares: state, f evaluation, compaction, the loop.
 
 A solve keeps its state in flat ``(B, D)`` tensors and per-sample ``(B,)``
-vectors (DESIGN.md). After every evaluation of f the fused ``residual_status_``
+vectors (docs/design.md). After every evaluation of f the fused ``residual_status_``
 op updates residuals, the lowest-residual iterate and the status of every
 active sample; a method (Broyden, Anderson, fixed point) only supplies
 ``step()``, which moves z for the active samples with its own extension ops.

@@ -1,0 +1,62 @@
+// deq_ext._C_emu (test-only): the CUDA kernels of csrc/cuda, compiled as host C++ on
+// the CUDA emulation (cuda_emu.h), registered as torch.ops.deq_ext_emu.* for CPU
+// tensors with the same schemas and argument checks as torch.ops.deq_ext.*.
+// Never used by the solvers unless a test asks for it.
+#include "cuda_emu.h"
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../op_schemas.h"
+
+TORCH_LIBRARY(deq_ext_emu, m) { deq_ext::define_ops(m); }
+
+TORCH_LIBRARY_IMPL(deq_ext_emu, CPU, m) { deq_ext::impl_ops<deq_ext::CudaKernels>(m); }
+
+namespace {
+
+void set_schedule(const std::string& name, uint64_t seed) {
+  deq_emu::Schedule s;
+  if (name == "forward") {
+    s = deq_emu::Schedule::kForward;
+  } else if (name == "reverse") {
+    s = deq_emu::Schedule::kReverse;
+  } else if (name == "random") {
+    s = deq_emu::Schedule::kRandom;
+  } else {
+    TORCH_CHECK(false, "deq_ext emulation: schedule must be 'forward', 'reverse' or 'random', got '",
+                name, "'");
+  }
+  deq_emu::set_schedule(s, seed);
+}
+
+pybind11::dict stats() {
+  const deq_emu::Stats s = deq_emu::stats();
+  pybind11::dict d;
+  d["launches"] = s.launches;
+  d["blocks"] = s.blocks;
+  d["threads"] = s.threads;
+  d["switches"] = s.switches;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pybind11::literals;
+  m.doc() = "deq_ext CUDA kernels on the CPU emulation (tests only): registers "
+            "torch.ops.deq_ext_emu.*";
+  m.def("set_schedule", &set_schedule, "name"_a, "seed"_a = 0,
+        "Order in which the threads of a block run: 'forward', 'reverse' or 'random' (seeded); "
+        "the launch counter of the random schedule restarts.");
+  m.def(
+      "schedule",
+      [] {
+        return pybind11::make_tuple(deq_emu::schedule_name(deq_emu::runtime().schedule()),
+                                    deq_emu::runtime().seed());
+      },
+      "The current schedule and seed.");
+  m.def("stats", &stats, "Kernel launches, blocks, threads and context switches emulated so far.");
+}
