@@ -115,7 +115,7 @@ def solver_workspace(preset: str, batch: int, seq: int, mem_len: int) -> dict[st
             meta.cell, z0, memory=m, line_search=False, ls_max_iter=4, inputs=tuple(ins),
             compact=compact, max_iter=settings.max_iter, tol=settings.tol,
             stop_mode=settings.stop_mode, per_sample=True, stall_patience=30, diverge_ratio=1e6,
-            trace=False, stop_early=True, use_reference=False)
+            trace=False, stop_early=True, check_every=1, use_reference=False)
         out[name] = {"bytes": tensor_bytes(solve), "history_m": m, "B": batch, "D": solve.D,
                      "history_bytes": solve.U.nbytes + solve.V.nbytes}
     out["peak_bytes"] = max(out["forward"]["bytes"], out["backward"]["bytes"])

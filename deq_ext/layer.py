@@ -11,6 +11,7 @@ backward is one application of f, whatever the number of solver iterations.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -67,15 +68,30 @@ def paper_settings(seq_len: int, training: bool = True) -> tuple[SolverSettings,
     return fwd, bwd
 
 
+def _warn_if_backward_diverged(status: torch.Tensor, stacklevel: int) -> None:
+    diverged = status == Status.DIVERGED
+    if bool(diverged.any()):
+        warnings.warn(
+            f"deq_ext: the backward (adjoint) solve diverged for samples "
+            f"{torch.nonzero(diverged).flatten().tolist()} (non-finite gradients?); "
+            "their gradient is the best finite iterate of the adjoint solve",
+            RuntimeWarning, stacklevel=stacklevel)
+
+
 @dataclass
 class SolverStats:
-    """Per-sample statistics of one solve, as device tensors (no sync to keep them)."""
+    """Per-sample statistics of one solve, as device tensors (no sync to keep them).
+
+    A sync-free backward solve (``stop_early=False``) cannot check for diverged
+    samples without reading the device: its warning is issued by :meth:`summary`.
+    """
 
     nstep: torch.Tensor
     nfev: torch.Tensor
     abs_residual: torch.Tensor
     rel_residual: torch.Tensor
     status: torch.Tensor
+    check_backward_divergence: bool = field(default=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
@@ -83,6 +99,9 @@ class SolverStats:
 
     def summary(self) -> dict[str, float]:
         """Batch means for logging (reads from the device)."""
+        if self.check_backward_divergence:
+            self.check_backward_divergence = False
+            _warn_if_backward_diverged(self.status, stacklevel=3)
         return {
             "nstep": float(self.nstep.double().mean()),
             "nfev": float(self.nfev.double().mean()),
@@ -144,6 +163,16 @@ def _needs_more_than(out: torch.Tensor, leaf: torch.Tensor) -> bool:
     return False
 
 
+def _reusable_backward() -> contextlib.AbstractContextManager:
+    """The adjoint solve takes one VJP through the recorded f per iteration (retain_graph).
+    A torch.compile'd f would otherwise donate its saved buffers to the first backward and
+    refuse the second, so the recording is compiled without donated buffers."""
+    config = torch._functorch.config
+    if hasattr(config, "donated_buffer"):
+        return config.patch(donated_buffer=False)
+    return contextlib.nullcontext()
+
+
 def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
     B = z0.shape[0]
     for i, x in enumerate(inputs):
@@ -157,6 +186,7 @@ def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
             raise TypeError(f"input {i} is an integer tensor that requires grad ({x.dtype})")
 
 
+@torch.compiler.disable
 def deq_fixed_point(
     f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
@@ -214,7 +244,8 @@ def deq_fixed_point(
         return z
 
     z_leaf = z_star.detach().requires_grad_()
-    fz = f(z_leaf, *inputs)
+    with _reusable_backward():
+        fz = f(z_leaf, *inputs)
     if not fz.requires_grad or not _needs_more_than(fz, z_leaf):
         return fz.detach()
 
@@ -231,16 +262,15 @@ def deq_fixed_point(
         finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
         y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
         # The adjoint's VJPs run through the graph of f on the whole batch: never compacted.
-        out = solve(adjoint, y0, method=bwd.method, **{**bwd.solver_kwargs(), "compact": False})
+        options = {**bwd.solver_kwargs(), "compact": False}
+        with _reusable_backward():  # f's compiled backward may be built lazily, here
+            out = solve(adjoint, y0, method=bwd.method, **options)
+        sync_free = not options.get("stop_early", True)
         if stats is not None:
             stats["backward"] = SolverStats.of(out)
-        diverged = out.status == Status.DIVERGED
-        if bool(diverged.any()):
-            warnings.warn(
-                f"deq_ext: the backward (adjoint) solve diverged for samples "
-                f"{torch.nonzero(diverged).flatten().tolist()} (non-finite gradients?); "
-                "their gradient is the best finite iterate of the adjoint solve",
-                RuntimeWarning, stacklevel=2)
+            stats["backward"].check_backward_divergence = sync_free
+        if not sync_free:
+            _warn_if_backward_diverged(out.status, stacklevel=3)
         return out.z
 
     return _ImplicitGrad.apply(fz, z_leaf, backward_solve)
@@ -284,6 +314,7 @@ class DEQ(nn.Module):
         """Per-sample statistics of the last backward (adjoint) solve."""
         return self._stats.get("backward")
 
+    @torch.compiler.disable
     def forward(self, *inputs: Any, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Solve for z* given the inputs; ``z0`` defaults to zeros shaped like the first input."""
         if z0 is None:

@@ -62,7 +62,9 @@ class RelativeMultiHeadAttention(nn.Module):
 
         content = torch.einsum("bihd,bjhd->bhij", q + self.content_bias, k)
         # Scores against every distance 0..K-1, then picked per (i, j) at distance M + i - j.
-        distances = torch.arange(K, device=q.device, dtype=torch.float32)
+        # At least float32 (half-precision sines are too coarse), float64 in a float64 model.
+        enc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        distances = torch.arange(K, device=q.device, dtype=enc_dtype)
         r = self.pos_proj(sinusoid_encoding(distances, self.d_model).to(q.dtype)).view(K, H, dh)
         by_distance = torch.einsum("bihd,khd->bhik", q + self.position_bias, r)
         query_pos = torch.arange(T, device=q.device)[:, None] + M

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -48,6 +48,9 @@ class ModeConfig:
             inference); None: same as ``forward``.
         grad_mode, phantom_steps: passed to :func:`deq_ext.deq_fixed_point`.
         subseq_len: in ``deq`` mode, solve segments in chunks of this many positions (None: whole).
+        compile_cell: in ``deq`` mode, the solver evaluates ``torch.compile(cell, **compile_cell)``
+            (e.g. ``{"dynamic": True}``); None: the cell as it is. The solve itself is a graph
+            break for torch.compile, so this is how f gets compiled in a compiled model.
     """
 
     mode: str = "deq"
@@ -62,6 +65,7 @@ class ModeConfig:
     grad_mode: str = "implicit"
     phantom_steps: int = 1
     subseq_len: Optional[int] = None
+    compile_cell: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -194,12 +198,7 @@ class SequenceCore(nn.Module, ABC):
     def _run(self, z0: torch.Tensor, inputs: tuple) -> torch.Tensor:
         m = self.modes
         if m.mode == "deq":
-            stats: dict[str, SolverStats] = {}
-            self.solver_stats.append(stats)
-            fwd = m.forward if self.training or m.eval_forward is None else m.eval_forward
-            return deq_fixed_point(self.cell, z0, *inputs, forward=fwd, backward=m.backward,
-                                   grad_mode=m.grad_mode, phantom_steps=m.phantom_steps,
-                                   stats=stats)
+            return self._solve(z0, inputs)
         z = z0
         for _ in range(m.depth):
             if m.checkpoint and torch.is_grad_enabled():
@@ -207,3 +206,27 @@ class SequenceCore(nn.Module, ABC):
             else:
                 z = self.cell(z, *inputs)
         return z
+
+    # Run eagerly under torch.compile (the solver is a graph break anyway): traced code would
+    # hand deq_fixed_point the cell behind a compiled cell, not the compiled one.
+    @torch.compiler.disable
+    def _solve(self, z0: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        m = self.modes
+        stats: dict[str, SolverStats] = {}
+        self.solver_stats.append(stats)
+        fwd = m.forward if self.training or m.eval_forward is None else m.eval_forward
+        return deq_fixed_point(self.solver_cell(), z0, *inputs, forward=fwd,
+                               backward=m.backward, grad_mode=m.grad_mode,
+                               phantom_steps=m.phantom_steps, stats=stats)
+
+    def solver_cell(self) -> Callable[..., torch.Tensor]:
+        """The f the solver evaluates: the cell, or its compiled form (``compile_cell``)."""
+        options = self.modes.compile_cell
+        if options is None:
+            return self.cell
+        key = repr(sorted(options.items()))
+        # A plain dict: an nn.Module attribute would register the compiled cell as a submodule.
+        cache = self.__dict__.setdefault("_compiled_cells", {})
+        if key not in cache:
+            cache[key] = torch.compile(self.cell, **options)
+        return cache[key]

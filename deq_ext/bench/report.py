@@ -94,12 +94,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"compact={cfg['compact']}; medians of {cfg['repeat']} interleaved round(s) after one warm-up",
         "",
     ]
-    head = (f"{'solver':<20}{'total s':>9}{'f s':>9}{'solver s':>10}{'f calls':>9}"
+    head = (f"{'solver':<24}{'total s':>9}{'f s':>9}{'solver s':>10}{'f calls':>9}"
             f"{'f rows':>8}{'nstep mean/max':>16}{'converged':>11}{'max |f(z)-z|':>14}")
     lines += [head, "-" * len(head)]
     for name, s in results["solves"].items():
         lines.append(
-            f"{name:<20}{s['total_s']:>9.3f}{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
+            f"{name:<24}{s['total_s']:>9.3f}{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
             f"{s['f_calls']:>9.0f}{s['f_rows']:>8.0f}"
             f"{s['nstep_mean']:>10.1f}/{s['nstep_max']:<5.0f}"
             f"{int(s['converged']):>6d}/{cfg['batch']:<4d}{s['max_abs_residual']:>14.2e}")
@@ -130,12 +130,14 @@ def format_table(results: dict[str, Any]) -> str:
         ("deq_ext f rows / torchdeq's", r.get("f_rows_ratio")),
         ("deq_ext f rows saved by compaction (vs no compact)", r.get("compaction_rows_saved")),
         ("deq_ext total speedup from compaction", r.get("compaction_total_speedup")),
+        ("deq_ext speedup from reading the device every 4th iteration", r.get("check_every_4_speedup")),
+        ("deq_ext speedup from never reading it (max_iter steps)", r.get("no_sync_speedup")),
         ("reference twin solver overhead", r.get("reference_solver_overhead_ratio")),
         ("reference twin total speedup", r.get("reference_total_speedup")),
         ("reference twin f rows / torchdeq's", r.get("reference_f_rows_ratio")),
         ("fused step speedup (torchdeq-style step / fused)", (bw or {}).get("step_speedup")),
     ]
-    lines += [f"  {label:<52}{_fmt(v):>8}" for label, v in rows if label.startswith("deq") or v is not None]
+    lines += [f"  {label:<60}{_fmt(v):>8}" for label, v in rows if label.startswith("deq") or v is not None]
     lines += ["", "targets"]
     for t in results["targets"]:
         verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")

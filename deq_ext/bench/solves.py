@@ -17,6 +17,8 @@ SOLVER_EXT = "deq_ext"
 SOLVER_REF = "deq_ext[reference]"
 SOLVER_TD = "torchdeq"
 SOLVER_FULL = "deq_ext[no compact]"
+SOLVER_CHECK4 = "deq_ext[check_every=4]"
+SOLVER_NOSYNC = "deq_ext[no sync]"
 
 Runner = Callable[[Problem, Config, TimedF], tuple[torch.Tensor, torch.Tensor]]
 """Solves the problem with f = the timed wrapper; returns (z, iterations per sample)."""
@@ -26,10 +28,11 @@ def _method_options(cfg: Config) -> dict[str, Any]:
     return {} if cfg.method == "fixed_point" else {"memory": cfg.memory}
 
 
-def _run_deq_ext(use_reference: bool, compact: bool) -> Runner:
+def _run_deq_ext(use_reference: bool, compact: bool, **sync: Any) -> Runner:
+    """deq_ext's solver; ``sync``: ``check_every`` or ``stop_early`` (how often it reads the device)."""
     def run(problem: Problem, cfg: Config, timed: TimedF) -> tuple[torch.Tensor, torch.Tensor]:
         opts = dict(method=cfg.method, max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
-                    use_reference=use_reference, **_method_options(cfg))
+                    use_reference=use_reference, **_method_options(cfg), **sync)
         if compact:
             # x and rho as batched inputs: f is then only evaluated on the active samples.
             res = deq_ext.solve(timed, problem.z0, inputs=(problem.x, problem.rho), **opts)
@@ -71,6 +74,10 @@ def select_solvers(cfg: Config) -> dict[str, Runner]:
     if cfg.compact:
         # The same solver evaluating f on the whole batch: what compaction saves.
         solvers[SOLVER_FULL] = _run_deq_ext(use_reference=False, compact=False)
+    # Fewer device reads: every 4th iteration, or none (max_iter steps, f on the whole batch).
+    solvers[SOLVER_CHECK4] = _run_deq_ext(use_reference=False, compact=cfg.compact, check_every=4)
+    solvers[SOLVER_NOSYNC] = _run_deq_ext(use_reference=False, compact=cfg.compact,
+                                          stop_early=False)
     if cfg.reference:
         solvers[SOLVER_REF] = _run_deq_ext(use_reference=True, compact=cfg.compact)
     if cfg.torchdeq:
@@ -139,6 +146,9 @@ def solver_ratios(solves: dict[str, dict[str, Any]]) -> dict[str, Optional[float
         out[prefix + "f_calls_ratio"] = ratio(mine["f_calls"], get("f_calls"))
         out[prefix + "f_rows_ratio"] = ratio(mine["f_rows"], get("f_rows"))
         out[prefix + "f_time_ratio"] = ratio(mine["f_s"], get("f_s"))
+    for key, name in (("check_every_4_speedup", SOLVER_CHECK4), ("no_sync_speedup", SOLVER_NOSYNC)):
+        if name in solves:
+            out[key] = ratio(solves[SOLVER_EXT]["total_s"], solves[name]["total_s"])
     full = solves.get(SOLVER_FULL)
     if full is not None:
         kept = ratio(solves[SOLVER_EXT]["f_rows"], full["f_rows"])

@@ -7,8 +7,9 @@ active sample; a method (Broyden, Anderson, fixed point) only supplies
 ``step()``, which moves z for the active samples with its own extension ops.
 Samples that converged, diverged or stalled are frozen bit for bit, and nothing
 a sample gets depends on which other samples share its batch. The loop reads
-one number from the device per iteration (the pending count) and none at all
-with ``stop_early=False``.
+one number from the device every ``check_every`` iterations (the pending count)
+and none at all with ``stop_early=False``; since finished samples are frozen,
+neither changes the results.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class MaskedSolve:
 
     def __init__(self, f: Func, z0: torch.Tensor, *, inputs: tuple, compact: bool, max_iter: int,
                  tol: float, stop_mode: str, per_sample: bool, stall_patience: int,
-                 diverge_ratio: float, trace: bool, stop_early: bool,
+                 diverge_ratio: float, trace: bool, stop_early: bool, check_every: int,
                  use_reference: bool) -> None:
         self.f, self.inputs = f, inputs
         # Compaction needs the active count on the host, which only stop_early reads.
@@ -90,7 +91,7 @@ class MaskedSolve:
         self.max_iter, self.tol, self.use_rel = max_iter, float(tol), stop_mode == "rel"
         self.per_sample, self.stall_patience = per_sample, stall_patience
         self.diverge_ratio = float(diverge_ratio)
-        self.trace, self.stop_early = trace, stop_early
+        self.trace, self.stop_early, self.check_every = trace, stop_early, check_every
         self.ops = self._pick_ops(use_reference)
 
         B = z0.shape[0]
@@ -167,6 +168,11 @@ class MaskedSolve:
             self.res_abs, self.res_rel, self.status, self.nstep, self.nfev, self.stall,
             self.tol, self.use_rel, self.stall_patience, self.diverge_ratio, count_step,
             self.per_sample)
+        if not self.per_sample:
+            # Batch-wide stopping ends the solve when no sample is pending. Deciding it here, on
+            # the device, freezes the batch at that very evaluation whenever the host looks.
+            done = ~self.pending().any()
+            self.status = torch.where(done, self.final_status(), self.status)
         if self.trace:
             self.abs_trace.append(self.res_abs.clone())
             self.rel_trace.append(self.res_rel.clone())
@@ -196,25 +202,31 @@ class MaskedSolve:
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
         self.record(self.evaluate(self.z), count_step=False)
-        for _ in range(self.max_iter):
-            rows = None
-            if self.stop_early:
+        rows = None
+        for it in range(self.max_iter):
+            if self.stop_early and it % self.check_every == 0:
                 n_pending, n_active = self.counts()
                 if n_pending == 0:
                     break
+                # Until the next read, samples that finish stay among the rows: f is evaluated
+                # on their frozen z and the masked ops ignore the result.
                 rows = self.rows_of(self.status == Status.ACTIVE, n_active)
             self.step()
             fz = self.after_evaluation(self.evaluate(self.z, rows))
             self.record(fz, count_step=True)
         self.finish()
 
-    def finish(self) -> None:
-        """Final statuses, with where() rather than masked assignment: no device sync."""
+    def final_status(self) -> torch.Tensor:
+        """The statuses the solve ends with if it ends now (where(), no device sync)."""
+        status = self.status
         if not self.per_sample:
             best = self.best_rel if self.use_rel else self.best_abs
-            open_ = (self.status == Status.ACTIVE) | (self.status == Status.STALLED)
-            self.status = torch.where(open_ & (best < self.tol), int(Status.CONVERGED), self.status)
-        self.status = torch.where(self.status == Status.ACTIVE, int(Status.MAX_ITER), self.status)
+            open_ = (status == Status.ACTIVE) | (status == Status.STALLED)
+            status = torch.where(open_ & (best < self.tol), int(Status.CONVERGED), status)
+        return torch.where(status == Status.ACTIVE, int(Status.MAX_ITER), status)
+
+    def finish(self) -> None:
+        self.status = self.final_status()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The internal tensors attached with ``return_state=True``."""
@@ -234,13 +246,20 @@ class MaskedSolve:
             state=self.state_tensors() if return_state else None)
 
 
+# The data-dependent loop is a deliberate graph break for torch.compile: it runs eagerly
+# (an explicitly compiled f inside it still runs compiled).
+@torch.compiler.disable
 def run_solve(solve_cls, f: Func, z0: torch.Tensor, return_final: bool, return_state: bool,
               trace: bool, **kwargs) -> SolverResult:
-    """Runs one solve under no_grad: the empty-batch shortcut and the z0 check first."""
+    """Runs one solve under no_grad: the empty-batch shortcut and the z0 check first.
+
+    Without ``stop_early`` nothing is read from the device, so a non-finite z0 is not
+    rejected: its samples are flagged DIVERGED by their first residual.
+    """
     with torch.no_grad():
         if z0.shape[0] == 0 or z0.numel() == 0:
             return _empty_result(z0, trace)
-        if not bool(torch.isfinite(z0).all()):
+        if kwargs["stop_early"] and not bool(torch.isfinite(z0).all()):
             raise ValueError("z0 contains NaN or inf values")
         solve = solve_cls(f, z0, trace=trace, **kwargs)
         solve.run()

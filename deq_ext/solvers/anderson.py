@@ -66,6 +66,7 @@ def anderson(
     diverge_ratio: float = 1e6,
     trace: bool = False,
     stop_early: bool = True,
+    check_every: int = 1,
     return_state: bool = False,
     use_reference: bool = False,
 ) -> SolverResult:
@@ -73,7 +74,7 @@ def anderson(
 
     The arguments shared with :func:`deq_ext.broyden` mean the same (f, z0,
     inputs, compact, max_iter, tol, stop_mode, per_sample, return_final,
-    stall_patience, diverge_ratio, trace, stop_early, return_state,
+    stall_patience, diverge_ratio, trace, stop_early, check_every, return_state,
     use_reference). Specific to Anderson:
 
     Args:
@@ -91,6 +92,7 @@ def anderson(
     if memory is None:
         memory = 5
     validate_common(f, z0, max_iter, tol, stop_mode, stall_patience, diverge_ratio)
+    validate_positive_int("check_every", check_every)
     validate_positive_int("memory (history size m)", memory)
     validate_positive("beta", beta, upper=1.0)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -100,4 +102,4 @@ def anderson(
         inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
         max_iter=max_iter, tol=tol, stop_mode=stop_mode, per_sample=per_sample,
         stall_patience=stall_patience, diverge_ratio=diverge_ratio, stop_early=stop_early,
-        use_reference=use_reference, memory=memory, beta=beta, lam=lam)
+        check_every=check_every, use_reference=use_reference, memory=memory, beta=beta, lam=lam)

@@ -59,16 +59,18 @@ class _BroydenSolve(MaskedSolve):
         alpha, phi = best_alpha.clone(), best_phi.clone()
         for _ in range(self.ls_max_iter):
             need = active & ~(phi <= phi0 * (1 - c1 * alpha)) & (alpha > alpha_min)
-            n_need = int(need.sum())
-            if n_need == 0:
-                break
+            rows = None
+            if self.stop_early:  # else every trial runs, masked: no read from the device
+                n_need = int(need.sum())
+                if n_need == 0:
+                    break
+                rows = self.rows_of(need, n_need)
             # Minimiser of the quadratic through phi(0), phi'(0) = -phi0 and phi(alpha).
             quad = phi0 * alpha ** 2 / (2 * (phi - phi0 + phi0 * alpha))
             quad = torch.where(torch.isfinite(quad), quad, 0.5 * alpha)
             alpha = torch.where(need, quad.clamp(0.1 * alpha, 0.5 * alpha), alpha)
             trial = z_old + alpha.to(step.dtype)[:, None] * step
-            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z),
-                                     self.rows_of(need, n_need))
+            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z), rows)
             self.nfev += need
             phi_t = (fz_trial.to(acc) - trial.to(acc)).pow(2).sum(1).nan_to_num(math.inf)
             phi = torch.where(need, phi_t, phi)
@@ -103,6 +105,7 @@ def broyden(
     diverge_ratio: float = 1e6,
     trace: bool = False,
     stop_early: bool = True,
+    check_every: int = 1,
     return_state: bool = False,
     use_reference: bool = False,
 ) -> SolverResult:
@@ -136,17 +139,25 @@ def broyden(
             False every sample iterates until all have converged, as torchdeq does.
         return_final: return the last iterate instead of the lowest-residual one.
         line_search: Armijo backtracking with a step size per sample (extra f
-            evaluations; each trial reads one flag from the device).
+            evaluations; each trial reads one count from the device, except with
+            ``stop_early=False``, where all ``ls_max_iter`` trials run, masked).
         ls_max_iter: at most this many backtracking trials per step.
         stall_patience: a sample with no new lowest residual for this many
             steps stops as STALLED (<= 0 disables).
         diverge_ratio: a sample whose residual exceeds this multiple of its best
             is flagged DIVERGED (non-finite residuals always are).
         trace: record the residuals after every evaluation (``abs_trace``, ``rel_trace``).
-        stop_early: check once per iteration whether any sample is still
-            pending (one device-to-host read); with False exactly ``max_iter``
-            steps run, f sees the whole batch and the loop never synchronises
-            with the device (only the up-front finiteness check of z0 does).
+        stop_early: check whether any sample is still pending (one
+            device-to-host read every ``check_every`` iterations) and stop when
+            none is. With False the solve never reads from the device: exactly
+            ``max_iter`` steps run (finished samples stay frozen), f sees the
+            whole batch, a non-finite z0 is not rejected up front but flags its
+            sample DIVERGED, and the loop can be captured in a CUDA graph. The
+            results are the same bits either way.
+        check_every: with ``stop_early``, read the pending count once every this
+            many iterations (>= 1). Finished samples are frozen, so the results
+            do not depend on it; only the wasted evaluations of f on finished
+            rows between two reads (and the length of the traces) do.
         return_state: attach the internal tensors to the result (for debugging/tests).
         use_reference: run the pure-PyTorch reference ops instead of the extension.
 
@@ -161,6 +172,7 @@ def broyden(
     if memory is None:
         memory = max_iter
     validate_common(f, z0, max_iter, tol, stop_mode, stall_patience, diverge_ratio)
+    validate_positive_int("check_every", check_every)
     validate_positive_int("memory (history size m)", memory)
     validate_positive_int("ls_max_iter", ls_max_iter)
     return run_solve(
@@ -168,5 +180,5 @@ def broyden(
         inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
         max_iter=max_iter, tol=tol, stop_mode=stop_mode, per_sample=per_sample,
         stall_patience=stall_patience, diverge_ratio=diverge_ratio, stop_early=stop_early,
-        use_reference=use_reference, memory=memory, line_search=line_search,
-        ls_max_iter=ls_max_iter)
+        check_every=check_every, use_reference=use_reference, memory=memory,
+        line_search=line_search, ls_max_iter=ls_max_iter)

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from ..result import SolverResult
-from ._base import Func, MaskedSolve, run_solve, validate_common, validate_positive
+from ._base import (Func, MaskedSolve, run_solve, validate_common, validate_positive,
+                    validate_positive_int)
 
 
 class _FixedPointSolve(MaskedSolve):
@@ -35,6 +36,7 @@ def fixed_point(
     diverge_ratio: float = 1e6,
     trace: bool = False,
     stop_early: bool = True,
+    check_every: int = 1,
     return_state: bool = False,
     use_reference: bool = False,
 ) -> SolverResult:
@@ -44,10 +46,11 @@ def fixed_point(
     arguments mean the same as for :func:`deq_ext.broyden`.
     """
     validate_common(f, z0, max_iter, tol, stop_mode, stall_patience, diverge_ratio)
+    validate_positive_int("check_every", check_every)
     validate_positive("tau", tau, upper=1.0)
     return run_solve(
         _FixedPointSolve, f, z0, return_final, return_state, trace,
         inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
         max_iter=max_iter, tol=tol, stop_mode=stop_mode, per_sample=per_sample,
         stall_patience=stall_patience, diverge_ratio=diverge_ratio, stop_early=stop_early,
-        use_reference=use_reference, tau=tau)
+        check_every=check_every, use_reference=use_reference, tau=tau)
