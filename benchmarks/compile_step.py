@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -108,10 +109,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--repeat", type=int, default=5, help="timed rounds after the warm-up")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--out", help="write the results as JSON here")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
-    results = provenance(dev, "python -m benchmarks.compile_step", list(argv or []))
+    results = provenance(dev, "python -m benchmarks.compile_step", argv)
     results.update(run(args.preset, args.backend, args.batch, args.seq, args.repeat, args.device))
     v = results["variants"]
     print(f"training step of {args.preset} (B={args.batch}, T={args.seq}) on {results['device']}, "

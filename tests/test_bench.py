@@ -27,6 +27,13 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
     assert solves["deq_ext"]["f_rows"] <= solves["deq_ext[no compact]"]["f_rows"]
     assert solves["deq_ext"]["f_calls"] == solves["deq_ext[no compact]"]["f_calls"]
     assert results["ratios"]["total_speedup"] > 0
+    # Fewer device reads change no result: the same steps, more f calls (never fewer).
+    for name in ("deq_ext[check_every=4]", "deq_ext[no sync]"):
+        assert solves[name]["nstep_mean"] == solves["deq_ext"]["nstep_mean"], name
+        assert solves[name]["f_calls"] >= solves["deq_ext"]["f_calls"], name
+    assert solves["deq_ext[no sync]"]["f_calls"] == results["config"]["max_iter"] + 1
+    assert results["ratios"]["no_sync_speedup"] == pytest.approx(
+        solves["deq_ext"]["total_s"] / solves["deq_ext[no sync]"]["total_s"])
     names = {t["name"] for t in results["targets"]}
     assert {"solver_overhead_ratio", "total_speedup", "compaction_rows_saved"} <= names
     # Time per iteration against the active fraction: one point per active count, and masked

@@ -124,3 +124,18 @@ def test_float32_denominator_below_float_range_is_judged_in_double(emu):
     _reduce(_extension.emulated_ops(), emulated)
     assert float(cpu["scal"][0, VALID]) == float(emulated["scal"][0, VALID]) == 1.0
     assert math.isclose(float(emulated["scal"][0, DEN]), float(cpu["scal"][0, DEN]), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("too_wide", r"kernel too_wide launched at \S*emu_bindings.cpp:\d+: block \(2048, 1, 1\) "
+                 r"exceeds the CUDA limit"),
+    ("return_before_barrier", r"kernel return_before_barrier launched at \S*emu_bindings.cpp:\d+: "
+                              r"48 thread\(s\) of block \(0, 0, 0\) returned .* wait at "
+                              r"__syncthreads \S*emu_bindings.cpp:\d+"),
+])
+def test_an_emulation_error_reaches_python_as_a_runtime_error(emu, name, expected):
+    with pytest.raises(RuntimeError, match=expected):
+        emu.launch_broken_kernel(name)
+    # The runtime is usable again after an aborted launch.
+    st = history_state(2, 3, 40, torch.float64, "cpu", seed=3)
+    _reduce(_extension.emulated_ops(), st)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: build deq_ext with CUDA for the visible GPU, run the whole test
-# suite (CUDA cases included), the solver benchmark, the kernel microbenchmarks and the memory and
-# runtime tables, leave everything in one folder (default $OUT, else ./gpu_check_out), and print
-# a short summary last.
+# One command for a GPU machine: build deq_ext with CUDA for the visible GPU, run the CUDA cases
+# of the test suite (the CPU and cuda-emu cases run in CI), the solver benchmark (with the
+# check_every / sync-free rows), the kernel microbenchmarks, the memory and runtime tables and the
+# eager-vs-compiled training step, leave everything in one folder (default $OUT, else
+# ./gpu_check_out), and print a short summary last.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
 #
@@ -39,15 +40,17 @@ step() {
 
 step build 180 build.log env DEQ_EXT_FORCE_CUDA=1 python3 setup.py build_ext --inplace
 python3 -c "import deq_ext, json; print(json.dumps(deq_ext.build_info()))" > "$out/build_info.json" 2>&1
-step tests 120 pytest.log env DEQ_EXT_EXPECT_CUDA=1 python3 -m pytest -q -p no:cacheprovider -rs \
-  --junitxml="$out/pytest.xml" tests
+step tests 90 pytest.log env DEQ_EXT_EXPECT_CUDA=1 python3 -m pytest -q -p no:cacheprovider -rs \
+  -m cuda --junitxml="$out/pytest.xml" tests
 step bench 50 bench.log python3 -m deq_ext.bench --device cuda --out "$out/bench-cuda.json"
-step micro 90 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
+step micro 80 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
   --micro-sizes=full --micro-budget=0.2 -k cuda --benchmark-json="$out/micro-cuda.json"
-step memory 45 memory.log python3 -m benchmarks.memory_table --device cuda \
+step memory 40 memory.log python3 -m benchmarks.memory_table --device cuda \
   --out "$out/memory-table-cuda.json"
-step runtime 100 runtime.log python3 -m benchmarks.runtime_table --device cuda \
+step runtime 90 runtime.log python3 -m benchmarks.runtime_table --device cuda \
   --out "$out/runtime-table-cuda.json"
+step compile 55 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
+  --out "$out/compile-step-cuda.json"
 
 {
   echo "== deq_ext GPU check: $(cat "$out/torch.txt"), arch $TORCH_CUDA_ARCH_LIST"

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "../op_schemas.h"
 
@@ -16,6 +17,28 @@ TORCH_LIBRARY(deq_ext_emu, m) { deq_ext::define_ops(m); }
 TORCH_LIBRARY_IMPL(deq_ext_emu, CPU, m) { deq_ext::impl_ops<deq_ext::CudaKernels>(m); }
 
 namespace {
+
+// Two deliberately broken kernels, so that a test can see an emulation error arrive in
+// Python as a RuntimeError (the kernels of csrc/cuda have no such bug to show it with).
+__global__ void too_wide(float* out) { out[threadIdx.x] = 1.0f; }
+
+__global__ void return_before_barrier(float* out) {
+  if (threadIdx.x >= 16) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+void launch_broken_kernel(const std::string& name) {
+  std::vector<float> out(2048);
+  if (name == "too_wide") {
+    deq_emu::launch(too_wide, "too_wide", __FILE__, __LINE__, 1, 2048)(out.data());
+  } else if (name == "return_before_barrier") {
+    deq_emu::launch(return_before_barrier, "return_before_barrier", __FILE__, __LINE__, 1, 64)(
+        out.data());
+  } else {
+    TORCH_CHECK(false, "unknown broken kernel '", name, "'");
+  }
+}
 
 void set_schedule(const std::string& name, uint64_t seed) {
   deq_emu::Schedule s;
@@ -59,4 +82,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "The current schedule and seed.");
   m.def("stats", &stats, "Kernel launches, blocks, threads and context switches emulated so far.");
+  m.def("launch_broken_kernel", &launch_broken_kernel, "name"_a,
+        "Tests only: launch 'too_wide' (2048 threads per block) or 'return_before_barrier'.");
 }
