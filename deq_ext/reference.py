@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .status import DEN, DZ_DG, DZ_G, NUM_SCALARS, REL_EPS, VALID, VG, Status
+from .status import DEN, NUM_SCALARS, REL_EPS, VALID, VG, Status
 
 
 def _active_index(status: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,16 @@ def emulation_or_skip():
     return emu
 
 
+@pytest.fixture
+def compiled() -> None:
+    """For tests that compare the compiled ops with something: without the extension the
+    solvers would fall back to the reference twin and compare it with itself."""
+    info = deq_ext.build_info()
+    assert info["loaded"], f"deq_ext._C failed to load: {info.get('error')}"
+
+
 @pytest.fixture(params=DEVICES)
-def device(request):
+def device(request, compiled):
     if request.param == "cuda-emu":
         emu = emulation_or_skip()
         emu.set_schedule("random", zlib.crc32(request.node.nodeid.encode()))
@@ -63,18 +71,27 @@ def device(request):
 
 
 @pytest.fixture
-def ext(request):
-    """The ops under test (the device's, when the test has a device); these tests are about the
-    compiled ops, so a missing extension is a failure."""
-    info = deq_ext.build_info()
-    assert info["loaded"], f"deq_ext._C failed to load: {info.get('error')}"
+def ext(request, compiled):
+    """The ops under test (the device's, when the test has a device)."""
     if "device" in request.fixturenames:
         request.getfixturevalue("device")
     return _extension.ops()
 
 
+def _seed_line() -> str:
+    from .helpers import RUN_SEED
+
+    return f"deq_ext op tests: seed {RUN_SEED} (repeat with DEQ_EXT_TEST_SEED={RUN_SEED})"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
 def pytest_terminal_summary(terminalreporter):
-    """One line on how much of the run went through the emulated CUDA kernels."""
+    """The op tests' seed (the header is not shown with -q), and how much of the run went
+    through the emulated CUDA kernels."""
+    terminalreporter.write_line(_seed_line())
     passed = [r for r in terminalreporter.stats.get("passed", []) if "cuda-emu" in r.nodeid]
     emu = _extension.emulation_module() if passed else None
     if emu is not None:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import random
+import types
 
 import torch
 
 from deq_ext import reference
 from deq_ext.status import NUM_SCALARS, VALID, Status
+
+# The random seed of this run's op tests: fresh each run, printed in the report header,
+# and taken from DEQ_EXT_TEST_SEED when set (to repeat a run).
+RUN_SEED = int(os.environ.get("DEQ_EXT_TEST_SEED", random.SystemRandom().randrange(2**30)))
 
 TOL = {
     torch.float64: dict(rtol=1e-12, atol=1e-12),
@@ -85,3 +93,48 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (NaNs included)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def bytes_kept_for_backward(out: torch.Tensor, params=()) -> int:
+    """Bytes of the distinct storages that ``out``'s autograd graph keeps alive until backward.
+
+    Walks everything reachable from ``out.grad_fn``: the tensors each node saved, the Python
+    objects a custom Function's context holds (closures included, through their cells), and
+    the graphs of the tensors found. Parameters, and views of ``params``, are left out (they
+    live anyway), and so are modules and a function's globals (shared with the whole program).
+    """
+    seen: set[int] = set()
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+    stack: list[object] = [out.grad_fn]
+    while stack:
+        obj = stack.pop()
+        if obj is None or id(obj) in seen or isinstance(obj, torch.nn.Parameter):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            if st.data_ptr() not in skip:
+                storages[st.data_ptr()] = st.nbytes()
+            stack.append(obj.grad_fn)
+            continue
+        if isinstance(obj, (types.ModuleType, type, torch.nn.Module)):
+            continue
+        if isinstance(obj, types.FunctionType):
+            for cell in obj.__closure__ or ():
+                try:
+                    stack.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            stack.extend(obj.__defaults__ or ())
+            continue
+        if hasattr(obj, "next_functions"):  # an autograd node
+            stack.extend(node for node, _ in obj.next_functions)
+            for name in dir(obj):
+                if name.startswith("_saved_") or name == "saved_tensors":
+                    try:
+                        stack.append(getattr(obj, name))
+                    except RuntimeError:  # already freed
+                        pass
+        stack.extend(gc.get_referents(obj))
+    return sum(storages.values())

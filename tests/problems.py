@@ -66,3 +66,22 @@ class RowCountingF:
         self.rows += z.shape[0]
         self.calls += 1
         return self.f(z, *inputs)
+
+
+def mixed_line_search(B: int, D: int, dtype=torch.float64, device="cpu", seed: int = 0):
+    """f(z, x, s) = s_b tanh(W z) - 0.5 z + x_b with s_b from 0.3 to 2.5, and (x, s).
+
+    Small s_b are contractions on which full Broyden steps are accepted; large s_b are not,
+    and the line search backtracks there: a batch in which some samples backtrack and some
+    do not. Row-independent arithmetic, as in :func:`contraction`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(D, D, generator=gen, dtype=torch.float64)
+    W = (W / torch.linalg.matrix_norm(W, ord=2)).to(device=device, dtype=dtype)
+    s = torch.linspace(0.3, 2.5, B, dtype=torch.float64)[:, None].to(device=device, dtype=dtype)
+    x = (3 * torch.randn(B, D, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
+
+    def f(z, x, s):
+        return s * torch.tanh((z[:, None, :] * W[None]).sum(-1)) - 0.5 * z + x
+
+    return f, (x, s)

@@ -42,7 +42,7 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
     counts = [p["active"] for p in section["points"]]
     assert counts == sorted(set(counts)) and counts[-1] == section["sizes"]["batch"]
     for p in section["points"]:
-        assert p["deq_ext_iteration_ms"] > p["deq_ext_passes_ms"] > 0
+        assert p["deq_ext_passes_ms"] > 0
         assert p["reference_passes_ms"] > 0 and p["torchdeq_iteration_ms"] > 0
     pytest.importorskip("matplotlib")
     png = out.with_suffix(".png")
@@ -66,3 +66,14 @@ def test_problem_rates_follow_rho():
     steps = res.nstep.tolist()
     assert (problem.residual(res.z) < cfg.tol).all()
     assert steps == sorted(steps) and steps[-1] >= 2.5 * steps[0], steps
+
+
+def test_masked_samples_cost_the_fused_passes_nothing():
+    """1 of 8 samples active: the passes take about 1/8 of the time (measured 0.11-0.18 on the
+    2-core CPU machine); 0.5 leaves room for noise but not for passes that touch every sample."""
+    from deq_ext.bench.bandwidth import fused_passes_time
+    from deq_ext.bench.config import BandwidthSizes
+
+    cfg = resolve_config(build_parser().parse_args(["--quick", "--device", "cpu"]))
+    sizes = BandwidthSizes(batch=8, dim=8192, m=8, copy_mib=1, reps=9)
+    assert fused_passes_time(cfg, sizes, active=1) < 0.5 * fused_passes_time(cfg, sizes)

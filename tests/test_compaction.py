@@ -9,6 +9,9 @@ import deq_ext
 
 from .problems import RowCountingF, contraction_inputs
 
+# Every test here runs its solves on the compiled ops.
+pytestmark = pytest.mark.usefixtures("compiled")
+
 
 @pytest.mark.parametrize("line_search", [False, True])
 def test_compaction_gives_identical_results(device, line_search):

@@ -11,6 +11,11 @@ from torch import nn
 import deq_ext
 from deq_ext import DEQ, SolverSettings, deq_fixed_point
 
+from .helpers import bytes_kept_for_backward
+
+# Every test here runs its solves on the compiled ops.
+pytestmark = pytest.mark.usefixtures("compiled")
+
 TIGHT = dict(forward=dict(tol=1e-13, max_iter=200), backward=dict(tol=1e-13, max_iter=200))
 
 
@@ -98,6 +103,26 @@ def test_memory_kept_for_backward_does_not_grow_with_iterations():
     assert _saved_bytes(lambda: _unrolled(cell, x, 50)) > 5 * _saved_bytes(lambda: _unrolled(cell, x, 5)) / 2
 
 
+def test_bytes_kept_alive_until_backward_do_not_grow_with_iterations():
+    """Not only what autograd saves: everything the graph and the backward closure reach."""
+    torch.manual_seed(2)
+    B, d = 4, 64
+    cell = Cell(d, seed=2)
+    x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+
+    def kept(max_iter: int) -> int:
+        deq = DEQ(cell, forward=dict(max_iter=max_iter, tol=1e-300, stall_patience=0))
+        out = deq(x)
+        assert int(deq.forward_stats.nstep.max()) == max_iter  # the history grew to max_iter
+        return bytes_kept_for_backward(out, cell.parameters())
+
+    few, many = kept(5), kept(50)
+    assert few == many > 0
+    # The same walk does grow for an unrolled net, so it can tell.
+    unrolled = {n: bytes_kept_for_backward(_unrolled(cell, x, n), cell.parameters()) for n in (5, 50)}
+    assert unrolled[50] > 5 * unrolled[5]
+
+
 def test_eval_mode_with_gradients_enabled():
     cell = Cell(6, seed=3)
     deq = DEQ(cell, **TIGHT).eval()
@@ -122,6 +147,28 @@ def test_phantom_one_step_gradient_is_the_gradient_of_one_application():
         z_star = deq_fixed_point(cell, torch.zeros_like(x), x, **TIGHT)
     cell(z_star, x).sum().backward()
     torch.testing.assert_close(phantom, x.grad)
+
+
+@pytest.mark.parametrize("steps,damping", [(3, 0.7), (2, 1.0), (4, 0.4)])
+def test_phantom_gradient_is_the_gradient_of_damped_steps_from_the_fixed_point(steps, damping):
+    torch.manual_seed(4)
+    cell = Cell(6, seed=4)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    deq = DEQ(cell, grad_mode="phantom", phantom_steps=steps, phantom_damping=damping, **TIGHT)
+    out = deq(x)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    phantom = [x.grad.clone()] + [p.grad.clone() for p in cell.parameters()]
+    x.grad = None
+    cell.zero_grad()
+    with torch.no_grad():
+        z = deq_fixed_point(cell, torch.zeros_like(x), x, **TIGHT)
+    for _ in range(steps):  # by hand: z <- (1 - d) z + d f(z), z* itself held constant
+        z = (1 - damping) * z + damping * cell(z, x)
+    torch.testing.assert_close(out, z)
+    (z * weights).sum().backward()
+    for got, want in zip(phantom, [x.grad] + [p.grad for p in cell.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_statistics_of_both_solves_are_per_sample():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import random
 import zlib
 
 import pytest
@@ -14,19 +12,19 @@ import torch
 from deq_ext import reference
 from deq_ext.status import DEN, VALID, Status
 
-from .helpers import (assert_states_match, clone_state, history_state, random_status,
+from .helpers import (RUN_SEED, assert_states_match, clone_state, history_state, random_status,
                       with_reduced_scalars)
 
 BATCHES = (1, 3, 33)
 DIMS = (1, 7, 129, 4096 + 32)
 MEMORIES = (1, 5, 30)
 DTYPES = (torch.float64, torch.float32)
-RUN_SEED = int(os.environ.get("DEQ_EXT_TEST_SEED", random.SystemRandom().randrange(2**30)))
 SIZES = list(itertools.product(BATCHES, DIMS, MEMORIES))
 
 
 def _seed(*parts) -> int:
-    """A different seed per test case, and fresh ones each run unless DEQ_EXT_TEST_SEED is set."""
+    """A different seed per test case, and fresh ones each run unless DEQ_EXT_TEST_SEED is set
+    (the run's seed is printed in the header of the pytest report)."""
     return zlib.crc32(repr(parts).encode()) ^ RUN_SEED
 
 

@@ -10,7 +10,10 @@ import torch
 import deq_ext
 from deq_ext import Status
 
-from .problems import CountingF, contraction
+from .problems import CountingF, contraction, mixed_line_search
+
+# Every test here runs the compiled ops (some against the reference twin).
+pytestmark = pytest.mark.usefixtures("compiled")
 
 
 @pytest.mark.parametrize("memory", [None, 4])
@@ -89,11 +92,33 @@ def test_sample_alone_equals_sample_in_any_batch(device, line_search):
     for b in range(B):
         alone = deq_ext.broyden(lambda z, b=b: f(z, rows=torch.tensor([b], device=device)),
                                 z0[b:b + 1], **opts)
-        torch.testing.assert_close(alone.z[0], batch.z[b], rtol=1e-12, atol=1e-12)
+        assert torch.equal(alone.z[0], batch.z[b])
         assert int(alone.nstep[0]) == int(batch.nstep[b])
         assert int(alone.nfev[0]) == int(batch.nfev[b])
-    torch.testing.assert_close(shuffled.z, batch.z[perm], rtol=1e-12, atol=1e-12)
+    assert torch.equal(shuffled.z, batch.z[perm])
     assert torch.equal(shuffled.nstep, batch.nstep[perm])
+    assert torch.equal(shuffled.nfev, batch.nfev[perm])
+
+
+@pytest.mark.parametrize("compact", [True, False], ids=["compact", "whole_batch"])
+def test_line_search_is_per_sample_and_batch_invariant(device, compact):
+    """Some samples backtrack and some do not; each gets the same bits alone, in the batch
+    and in a shuffled batch (one sample's backtracking must not make another backtrack)."""
+    B, D = 8, 16
+    f, (x, s) = mixed_line_search(B, D, device=device, seed=3)
+    z0 = torch.zeros(B, D, dtype=torch.float64, device=device)
+    opts = dict(max_iter=80, tol=1e-10, memory=8, line_search=True, compact=compact)
+    batch = deq_ext.broyden(f, z0, inputs=(x, s), **opts)
+    backtracks = batch.nfev - batch.nstep - 1
+    assert bool((backtracks > 0).any()) and bool((backtracks == 0).any()), backtracks
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(1)).to(device)
+    shuffled = deq_ext.broyden(f, z0[perm], inputs=(x[perm], s[perm]), **opts)
+    for name in ("z", "nstep", "nfev", "status"):
+        assert torch.equal(getattr(shuffled, name), getattr(batch, name)[perm]), name
+    for b in range(B):
+        alone = deq_ext.broyden(f, z0[b:b + 1], inputs=(x[b:b + 1], s[b:b + 1]), **opts)
+        for name in ("z", "nstep", "nfev", "status"):
+            assert torch.equal(getattr(alone, name)[0], getattr(batch, name)[b]), (b, name)
 
 
 @pytest.mark.parametrize("line_search", [False, True])

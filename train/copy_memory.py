@@ -39,6 +39,7 @@ class CopyConfig(TrainConfig):
         d_model: width of z (the TrellisNet's d_hidden), and of the symbol embedding.
         n_head, d_head, d_inner: transformer sizes.
         kernel_size: the TrellisNet's kernel.
+        dropout: the core's variational dropout rate (masks drawn once per forward pass).
         unrolled_depth: layers of the weight-tied baseline (``--mode unrolled``).
         fwd_iter, fwd_tol, bwd_iter, bwd_tol: Broyden limits and relative tolerances in training.
         eval_tol: forward tolerance at evaluation.
@@ -65,6 +66,7 @@ class CopyConfig(TrainConfig):
     d_head: int = 12
     d_inner: int = 48
     kernel_size: int = 2
+    dropout: float = 0.0
     unrolled_depth: int = 8
     fwd_iter: int = 20
     fwd_tol: float = 1e-3
@@ -106,10 +108,10 @@ class CopyModel(nn.Module):
         if cfg.model == "transformer":
             core_cfg: Any = TransformerConfig(d_model=cfg.d_model, n_head=cfg.n_head,
                                               d_head=cfg.d_head, d_inner=cfg.d_inner,
-                                              d_input=cfg.d_model)
+                                              d_input=cfg.d_model, dropout=cfg.dropout)
         elif cfg.model == "trellisnet":
             core_cfg = TrellisNetConfig(d_hidden=cfg.d_model, d_input=cfg.d_model,
-                                        kernel_size=cfg.kernel_size)
+                                        kernel_size=cfg.kernel_size, dropout=cfg.dropout)
         else:
             raise ValueError(f"model must be transformer or trellisnet, got {cfg.model!r}")
         self.embedding = nn.Embedding(N_CLASSES, cfg.d_model)

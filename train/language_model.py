@@ -36,6 +36,7 @@ class LMRunConfig(TrainConfig):
         eval_batch_size: rows of the evaluation streams.
         eval_segments: segments evaluated at intermediate evaluations (0: all; the final
             evaluation always reads the whole splits).
+        dropout: the core's variational dropout rate; None: the preset's.
     """
 
     steps: int = 20_000
@@ -51,6 +52,7 @@ class LMRunConfig(TrainConfig):
     eval_tgt_len: int = 0
     eval_batch_size: int = 10
     eval_segments: int = 0
+    dropout: Optional[float] = None
 
 
 class LMTask(Task):
@@ -69,6 +71,8 @@ class LMTask(Task):
         vocab = len(corpus.vocab)
         model_cfg = replace(preset.config, vocab_size=vocab,
                             cutoffs=tuple(c for c in preset.config.cutoffs if c < vocab))
+        if cfg.dropout is not None:
+            model_cfg = replace(model_cfg, core=replace(model_cfg.core, dropout=cfg.dropout))
         self.model = DEQLanguageModel(model_cfg)
         self.tgt_len = cfg.tgt_len or preset.seq_len
         self.eval_tgt_len = cfg.eval_tgt_len or self.tgt_len

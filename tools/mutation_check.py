@@ -1,0 +1,236 @@
+"""Mutation check: small breaks of the Python layer that the test suite must catch.
+
+``python tools/mutation_check.py [--list] [--only ID ...]``
+
+Each mutant replaces a snippet of one file (found exactly once, or the list is stale and
+the check fails), runs the tests named for it, and restores the file. A mutant whose tests
+still pass "survived": the claim it breaks is not guarded. The check fails when any mutant
+survives or cannot be applied. The list grows with every claim the README makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    id: str
+    claim: str                      # what the README promises, that this break violates
+    file: str                       # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (original snippet, replacement), each found once
+    tests: tuple[str, ...]          # pytest arguments: the tests that must fail
+
+
+def _m(id: str, claim: str, file: str, old: str, new: str, *tests: str) -> Mutant:
+    return Mutant(id, claim, file, ((old, new),), tests)
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    _m("line-search-batch-wide",
+       "the line search backtracks per sample; nothing depends on the batch",
+       "deq_ext/solvers/broyden.py",
+       "need = active & ~(phi <= phi0 * (1 - c1 * alpha)) & (alpha > alpha_min)",
+       "need = active & (~(phi <= phi0 * (1 - c1 * alpha)) & (alpha > alpha_min)).any()",
+       "tests/test_solver.py::test_line_search_is_per_sample_and_batch_invariant", "-k", "cpu"),
+    _m("resume-without-rng",
+       "a resumed run produces the same losses as an uninterrupted one",
+       "train/loop.py",
+       '        set_rng_state(ckpt["rng"][min(rank, len(ckpt["rng"]) - 1)])\n',
+       "",
+       "tests/train/test_copy_memory.py::test_resume_gives_the_same_losses"),
+    _m("resume-without-optimizer",
+       "checkpoints hold the optimizer state",
+       "train/loop.py",
+       '        opt.load_state_dict(ckpt["optimizer"])\n', "",
+       "tests/train/test_copy_memory.py::test_resume_gives_the_same_losses"),
+    Mutant("closure-keeps-forward-state",
+           "the memory kept for backward does not grow with the iterations",
+           "deq_ext/layer.py",
+           (("    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs,",
+             "    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, return_state=True,"),
+            ("        def adjoint(y: torch.Tensor) -> torch.Tensor:",
+             "        _ = res\n\n        def adjoint(y: torch.Tensor) -> torch.Tensor:")),
+           ("tests/test_layer.py::test_bytes_kept_alive_until_backward_do_not_grow_with_iterations",)),
+    _m("phantom-one-step",
+       "phantom gradients backpropagate through phantom_steps damped steps",
+       "deq_ext/layer.py",
+       "        for _ in range(phantom_steps):", "        for _ in range(1):",
+       "tests/test_layer.py::test_phantom_gradient_is_the_gradient_of_damped_steps_from_the_fixed_point"),
+    _m("extension-not-loaded",
+       "the compiled ops match the reference (and are what the tests run)",
+       "deq_ext/_extension.py",
+       "    from . import _C  # type: ignore[attr-defined, no-redef]",
+       '    raise ImportError("deq_ext._C disabled by a mutant")',
+       "tests/test_solver.py::test_extension_matches_reference_step_by_step", "-k", "cpu"),
+    _m("unfinished-counted-converged",
+       "a sample that runs out of iterations is flagged max_iter",
+       "deq_ext/solvers/_base.py",
+       "        return torch.where(status == Status.ACTIVE, int(Status.MAX_ITER), status)",
+       "        return torch.where(status == Status.ACTIVE, int(Status.CONVERGED), status)",
+       "tests/test_solver.py::test_stalled_sample_is_flagged"),
+    _m("batch-wide-pending-ignored",
+       "per_sample=False: every sample iterates until all have converged",
+       "deq_ext/solvers/_base.py",
+       "        if self.per_sample:\n            return active",
+       "        if not self.per_sample:\n            return active",
+       "tests/test_solver.py::test_batch_wide_stopping_mode", "-k", "cpu"),
+    _m("stop-one-sample-early",
+       "every sample stops on its own convergence",
+       "deq_ext/solvers/_base.py",
+       "                if n_pending == 0:\n                    break",
+       "                if n_pending <= 1:\n                    break",
+       "tests/test_solver.py::test_heterogeneous_batch_stops_each_sample_on_its_own",
+       "-k", "cpu"),
+    _m("compaction-inputs-not-gathered",
+       "compaction gives f the rows of the active samples of every batched input",
+       "deq_ext/solvers/_base.py",
+       "        lambda t: t.index_select(0, rows) if t.dim() >= 1 and t.shape[0] == batch else t, x)",
+       "        lambda t: t, x)",
+       "tests/test_compaction.py::test_compaction_gives_identical_results", "-k", "cpu"),
+    _m("compaction-wrong-rows",
+       "compaction evaluates f on the active samples",
+       "deq_ext/solvers/_base.py",
+       "        return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]",
+       "        return torch.argsort(mask.to(torch.uint8), stable=True)[:count]",
+       "tests/test_compaction.py::test_compaction_gives_identical_results", "-k", "cpu"),
+    _m("adjoint-starts-at-zero",
+       "the adjoint solve starts from dL/dz* (a tiny gradient is not zeroed)",
+       "deq_ext/layer.py",
+       "        y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))",
+       "        y0 = torch.zeros_like(grad)",
+       "tests/test_layer.py::test_tiny_upstream_gradient_is_not_zeroed"),
+    _m("compact-argument-wins",
+       "a compact among the forward settings' options overrides the argument",
+       "deq_ext/layer.py",
+       '                **{"compact": compact, **fwd.solver_kwargs()})',
+       '                **{**fwd.solver_kwargs(), "compact": compact})',
+       "tests/test_layer.py::test_compact_in_the_settings_options_overrides_the_argument"),
+    _m("batch-wide-not-frozen-on-device",
+       "results do not depend on check_every or on syncing (batch-wide stopping)",
+       "deq_ext/solvers/_base.py",
+       "            self.status = torch.where(done, self.final_status(), self.status)",
+       "            pass",
+       "tests/test_sync_free.py::test_results_do_not_depend_on_check_every_or_on_syncing",
+       "-k", "cpu and batch_wide"),
+    _m("check-every-ignored",
+       "check_every reads the pending count once every k iterations",
+       "deq_ext/solvers/_base.py",
+       "            if self.stop_early and it % self.check_every == 0:",
+       "            if self.stop_early:",
+       "tests/test_sync_free.py::test_check_every_reads_the_count_once_every_k_iterations",
+       "-k", "cpu"),
+    _m("line-search-reads-without-stop-early",
+       "stop_early=False reads nothing from the device, line search included",
+       "deq_ext/solvers/broyden.py",
+       "            if self.stop_early:  # else every trial runs, masked: no read from the device",
+       "            if True:",
+       "tests/test_sync_free.py::test_stop_early_false_reads_nothing_from_the_device",
+       "-k", "cpu and broyden-ls"),
+    _m("z0-check-skipped",
+       "a non-finite z0 is rejected with a clear error",
+       "deq_ext/solvers/_base.py",
+       '        if kwargs["stop_early"] and not bool(torch.isfinite(z0).all()):',
+       "        if False:",
+       "tests/test_sync_free.py::test_non_finite_start_flags_its_sample_without_a_read",
+       "-k", "cpu"),
+    _m("backward-warning-lost",
+       "a sync-free backward warns about diverged samples when its stats are read",
+       "deq_ext/layer.py",
+       "            stats[\"backward\"].check_backward_divergence = sync_free",
+       "            stats[\"backward\"].check_backward_divergence = False",
+       "tests/test_sync_free.py::test_sync_free_backward_defers_its_divergence_warning_to_the_stats",
+       "-k", "cpu"),
+    _m("compiled-f-donates-buffers",
+       "a torch.compile'd f works in a DEQ (repeated VJPs in the adjoint solve)",
+       "deq_ext/layer.py",
+       "        return config.patch(donated_buffer=False)",
+       "        return contextlib.nullcontext()",
+       "tests/test_compile.py::test_compiled_training_step_of_the_tiny_deq_transformer_matches_eager",
+       "-k", "aot_eager and float64"),
+)
+
+
+def apply(mutant: Mutant) -> str:
+    """Writes the mutated file; returns the original text (raises if a snippet is not unique)."""
+    path = ROOT / mutant.file
+    original = path.read_text()
+    text = original
+    for old, new in mutant.edits:
+        count = text.count(old)
+        if count != 1:
+            raise ValueError(f"{mutant.id}: the snippet occurs {count} times in {mutant.file} "
+                             f"(the mutant list is stale): {old!r}")
+        text = text.replace(old, new)
+    try:  # a mutant that does not even compile would be "killed" for nothing
+        compile(text, str(path), "exec")
+    except SyntaxError as exc:
+        raise ValueError(f"{mutant.id}: the mutated {mutant.file} does not compile: {exc}")
+    path.write_text(text)
+    return original
+
+
+def run_tests(mutant: Mutant) -> tuple[bool, str]:
+    """(the tests passed, the tail of their output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           "-o", "addopts=", *mutant.tests]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    # Exit code 5: no test was collected, which must not count as a kill.
+    if proc.returncode == 5:
+        raise ValueError(f"{mutant.id}: no test collected by {' '.join(mutant.tests)}")
+    return proc.returncode == 0, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--list", action="store_true", help="print the mutants and exit")
+    ap.add_argument("--only", nargs="*", help="run only these mutant ids")
+    args = ap.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or m.id in args.only]
+    if args.list:
+        for m in mutants:
+            print(f"{m.id:<38} {m.file:<28} {m.claim}")
+        return 0
+    survivors, errors = [], []
+    start = time.time()
+    for i, m in enumerate(mutants, 1):
+        t0 = time.time()
+        try:
+            original = apply(m)
+        except ValueError as exc:
+            errors.append(str(exc))
+            print(f"[{i}/{len(mutants)}] {m.id}: NOT APPLIED: {exc}", flush=True)
+            continue
+        try:
+            passed, tail = run_tests(m)
+        except ValueError as exc:
+            errors.append(str(exc))
+            passed, tail = False, str(exc)
+        finally:
+            (ROOT / m.file).write_text(original)
+        verdict = "SURVIVED" if passed else "killed"
+        print(f"[{i}/{len(mutants)}] {m.id:<38} {verdict:<9} {time.time() - t0:5.1f}s  "
+              f"({m.claim})", flush=True)
+        if passed:
+            survivors.append(m.id)
+            print("    " + tail.replace("\n", "\n    "), flush=True)
+    print(f"mutation check: {len(mutants) - len(survivors) - len(errors)} of {len(mutants)} "
+          f"killed, {len(survivors)} survived, {len(errors)} not applied "
+          f"({time.time() - start:.0f} s)")
+    for e in errors:
+        print("  error:", e)
+    return 1 if survivors or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
