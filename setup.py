@@ -1,7 +1,8 @@
-"""Build deq_ext and its compiled extension ``deq_ext._C``.
+"""The compiled extension ``deq_ext._C`` (metadata and packages: pyproject.toml).
 
 Install with ``pip install --no-build-isolation -e .`` (build isolation would
-compile against a second, freshly downloaded torch).
+compile against a second, freshly downloaded torch); ``pip wheel --no-build-isolation
+--no-deps .`` builds a wheel that also carries the ``models`` and ``train`` packages.
 
 Environment switches:
 
@@ -25,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = json.loads((ROOT / "csrc" / "build_config.json").read_text())
@@ -166,14 +167,9 @@ def build_ext_cmdclass():
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+# The metadata (name, version, dependencies, packages) is in pyproject.toml; this file only
+# adds the compiled extensions, which need torch at build time.
 setup(
-    name="deq_ext",
-    version="0.1.0",
-    description="Batched, per-sample masked Broyden solvers (C++/CUDA) for Deep Equilibrium Models",
-    packages=find_packages(include=["deq_ext", "deq_ext.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4,<=2.14.1", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "torchdeq"]},
     ext_modules=extensions(),
     cmdclass=build_ext_cmdclass(),
     zip_safe=False,

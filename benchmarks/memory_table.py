@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from deq_ext.bench.env import progress, ratio
-from deq_ext.solvers.broyden import _BroydenSolve
+from deq_ext.solvers import broyden_workspace
 from models.modes import SequenceCore
 
 from . import model_setup as ms
@@ -85,16 +85,6 @@ def cuda_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def tensor_bytes(obj: object) -> int:
-    """Bytes of the distinct tensor storages among an object's attributes."""
-    seen: dict[int, int] = {}
-    for value in vars(obj).values():
-        if isinstance(value, torch.Tensor):
-            st = value.untyped_storage()
-            seen[st._cdata] = st.nbytes()
-    return sum(seen.values())
-
-
 def solver_workspace(preset: str, batch: int, seq: int, mem_len: int) -> dict[str, Any]:
     """State bytes of the forward and the backward (adjoint) Broyden solves, from their shapes.
 
@@ -110,14 +100,11 @@ def solver_workspace(preset: str, batch: int, seq: int, mem_len: int) -> dict[st
                                          ("backward", meta.modes.backward, (), False)):
         if settings.method != "broyden":
             raise ValueError(f"workspace is only computed for Broyden, not {settings.method}")
+        ws = broyden_workspace(z0, inputs=tuple(ins), **{**settings.solver_kwargs(),
+                                                        "compact": compact})
         m = settings.memory or settings.max_iter  # broyden(): memory defaults to max_iter
-        solve = _BroydenSolve(
-            meta.cell, z0, memory=m, line_search=False, ls_max_iter=4, inputs=tuple(ins),
-            compact=compact, max_iter=settings.max_iter, tol=settings.tol,
-            stop_mode=settings.stop_mode, per_sample=True, stall_patience=30, diverge_ratio=1e6,
-            trace=False, stop_early=True, check_every=1, use_reference=False)
-        out[name] = {"bytes": tensor_bytes(solve), "history_m": m, "B": batch, "D": solve.D,
-                     "history_bytes": solve.U.nbytes + solve.V.nbytes}
+        out[name] = {"bytes": ws["total"], "history_m": m, "B": batch, "D": ws["D"],
+                     "history_bytes": ws["history"]}
     out["peak_bytes"] = max(out["forward"]["bytes"], out["backward"]["bytes"])
     return out
 

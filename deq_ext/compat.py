@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 import torch
 
 from .result import SolverResult
-from .solvers import anderson as _anderson
-from .solvers import broyden as _broyden
-from .solvers import fixed_point as _fixed_point
-from .status import Status
+from .solvers.anderson import anderson as _anderson
+from .solvers.broyden import broyden as _broyden
+from .solvers.fixed_point import fixed_point as _fixed_point
+from .status import REL_EPS, Status
 
 TORCHDEQ_NAME = "deq_ext_broyden"
 TORCHDEQ_NAMES = {"broyden": "deq_ext_broyden", "anderson": "deq_ext_anderson",
@@ -61,16 +61,17 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int
 
 def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int,
                    name: str) -> dict[str, Any]:
-    # ||f(z)|| per sample, recovered from the two residuals: rel = abs / (||f(z)|| + 1e-9). Where
+    # ||f(z)|| per sample, recovered from the two residuals: rel = abs / (||f(z)|| + REL_EPS). Where
     # both are 0, z is an exact fixed point, the sample's lowest-residual iterate (res.z), and
     # ||f(z)|| = ||z||.
+    assert res.abs_trace is not None and res.rel_trace is not None  # solved with trace=True
     z_norm = res.z.reshape(res.z.shape[0], -1).norm(dim=1).to(res.abs_residual.dtype)
     fz_norm = torch.where(res.rel_trace > 0, res.abs_trace / res.rel_trace, z_norm[:, None])
     abs_trace = [_batch_norm(res.abs_trace[:, t]) for t in range(res.abs_trace.shape[1])]
-    rel_trace = [a / (_batch_norm(fz_norm[:, t]) + 1e-9) for t, a in enumerate(abs_trace)]
+    rel_trace = [a / (_batch_norm(fz_norm[:, t]) + REL_EPS) for t, a in enumerate(abs_trace)]
     lowest_abs = _batch_norm(res.abs_residual)
     fz_lowest = torch.where(res.rel_residual > 0, res.abs_residual / res.rel_residual, z_norm)
-    lowest = lowest_abs if stop_mode == "abs" else lowest_abs / (_batch_norm(fz_lowest) + 1e-9)
+    lowest = lowest_abs if stop_mode == "abs" else lowest_abs / (_batch_norm(fz_lowest) + REL_EPS)
     return {
         "result": res.z,
         "lowest": lowest,
@@ -86,7 +87,7 @@ def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int
     }
 
 
-def _torchdeq_info(res: SolverResult, stop_mode: str):
+def _torchdeq_info(res: SolverResult):
     info = {
         "abs_lowest": res.abs_residual,
         "rel_lowest": res.rel_residual,
@@ -140,7 +141,7 @@ def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch
 
 def _torchdeq_triple(res: SolverResult, stop_mode: str, indexing: Optional[list]):
     trajectory = [res.z for _ in (indexing or [])]
-    return res.z, trajectory, _torchdeq_info(res, stop_mode)
+    return res.z, trajectory, _torchdeq_info(res)
 
 
 _TORCHDEQ_SOLVERS = {"broyden": torchdeq_broyden, "anderson": torchdeq_anderson,

@@ -13,7 +13,7 @@ cutoffs this is an ordinary embedding with a tied full softmax.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,18 +74,21 @@ class TiedAdaptiveEmbedding(nn.Module):
         if self.n_clusters == 1:
             return self.tables[0](tokens) * self.scale
         flat = tokens.reshape(-1)
-        out = torch.zeros(flat.numel(), self.d_embed, dtype=self.tables[0].weight.dtype,
+        out = torch.zeros(flat.numel(), self.d_embed, dtype=self._table(0).weight.dtype,
                           device=tokens.device)
         for i, lo, idx in self._clusters(flat):
             emb = self.projections[i](self.tables[i](flat[idx] - lo))
             out = out.index_copy(0, idx, emb.to(out.dtype))
         return (out * self.scale).view(*tokens.shape, self.d_embed)
 
+    def _table(self, i: int) -> nn.Embedding:
+        return cast(nn.Embedding, self.tables[i])
+
     def _logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
         proj = self.projections[i]
         if isinstance(proj, nn.Linear):
             h = h @ proj.weight  # (N, d_embed) -> (N, width): the input map transposed
-        return F.linear(h, self.tables[i].weight, self.biases[i]).float()
+        return F.linear(h, self._table(i).weight, self.biases[i]).float()
 
     def _head_log_probs(self, h: torch.Tensor) -> torch.Tensor:
         head = self._logits(h, 0)

@@ -76,7 +76,7 @@ class DEQLanguageModel(nn.Module):
         self.cfg = cfg
         self.embedding = TiedAdaptiveEmbedding(cfg.vocab_size, cfg.d_embed, cfg.cutoffs,
                                                cfg.div_val)
-        self.core = build_core(replace(cfg.core, d_input=cfg.d_embed), cfg.modes)
+        self.core: SequenceCore = build_core(replace(cfg.core, d_input=cfg.d_embed), cfg.modes)
         # The TrellisNet's h is usually wider than the embedding it is tied to.
         self.out_proj = (nn.Identity() if self.core.d_out == cfg.d_embed
                          else nn.Linear(self.core.d_out, cfg.d_embed, bias=False))

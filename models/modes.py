@@ -146,6 +146,11 @@ class SequenceCore(nn.Module, ABC):
     def state_shape(self, batch: int, length: int) -> tuple[int, ...]:
         """Shape of z for ``length`` positions."""
 
+    @property
+    @abstractmethod
+    def d_out(self) -> int:
+        """Width of :meth:`features`."""
+
     @abstractmethod
     def features(self, z: torch.Tensor) -> torch.Tensor:
         """The decoder's view of z: ``(B, T, d_out)``."""

@@ -135,10 +135,15 @@ class DEQTransformerCore(SequenceCore):
         """Width of :meth:`features`."""
         return self.cfg.d_model
 
+    @property
+    def injection_width(self) -> int:
+        """Width of the injection (added to Q, K and V): 3 * n_head * d_head."""
+        return 3 * self.cfg.n_head * self.cfg.d_head
+
     def init_memory(self, batch: int, device: torch.device) -> Memory:
         dtype = self.state_dtype()
         return (torch.zeros(batch, 0, self.cfg.d_model, dtype=dtype, device=device),
-                torch.zeros(batch, 0, self.cell.qkv.out_features, dtype=dtype, device=device))
+                torch.zeros(batch, 0, self.injection_width, dtype=dtype, device=device))
 
     def inject(self, x: torch.Tensor, memory: Memory) -> torch.Tensor:
         return self.injection(x)
@@ -157,9 +162,11 @@ class DEQTransformerCore(SequenceCore):
         return keep_last(z_hist, n, 1), keep_last(inj_hist, n, 1)
 
     def draw_masks(self, batch: int, device: torch.device) -> Masks:
-        kw = dict(dtype=self.state_dtype(), device=device, active=self.training)
-        return (draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_model), **kw),
-                draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_inner), **kw))
+        dtype, active = self.state_dtype(), self.training
+        return (draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_model), dtype=dtype,
+                          device=device, active=active),
+                draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_inner), dtype=dtype,
+                          device=device, active=active))
 
     def state_shape(self, batch: int, length: int) -> tuple[int, ...]:
         return (batch, length, self.cfg.d_model)

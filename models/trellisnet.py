@@ -60,7 +60,7 @@ class TrellisNetConfig:
 def _conv(d_in: int, d_out: int, cfg: TrellisNetConfig, std: float, bias: bool) -> nn.Module:
     conv = nn.Conv1d(d_in, d_out, cfg.kernel_size, dilation=cfg.dilation, bias=bias)
     nn.init.normal_(conv.weight, 0.0, std)
-    if bias:
+    if conv.bias is not None:
         nn.init.zeros_(conv.bias)
     return maybe_weight_norm(conv, cfg.weight_norm)
 

@@ -11,7 +11,7 @@ import torch
 
 from .helpers import history_state, with_reduced_scalars
 from .test_anderson_ops import anderson_state
-from .test_ops import RESIDUAL_ARGS, _residual_state
+from .test_broyden_ops import RESIDUAL_ARGS, _residual_state
 
 # Awkward sizes (B, D, m): a single element, one partial warp, three chunks of the CUDA
 # kernels' D (1024 per block) with a partial last one, and a long history; every state

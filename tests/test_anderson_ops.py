@@ -12,7 +12,7 @@ from deq_ext import reference
 from deq_ext.status import Status
 
 from .helpers import assert_states_match, clone_state, random_status
-from .test_ops import BATCHES, DIMS, DTYPES, _seed
+from .test_broyden_ops import BATCHES, DIMS, DTYPES, _seed
 
 MEMORIES = (1, 5, 30)
 SIZES = list(itertools.product(BATCHES, DIMS, MEMORIES))

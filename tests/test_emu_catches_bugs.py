@@ -139,9 +139,9 @@ def _expected_shuffles(values: list[int]) -> list[int]:
     out = []
     for t, v in enumerate(values):
         warp, lane = divmod(t, 32)
-        at = lambda l: values[warp * 32 + l]  # noqa: E731
+        at = lambda j: values[warp * 32 + j]  # noqa: E731
         seg8, seg16 = lane & ~7, lane & ~15
-        ballot = sum(1 << l for l in range(32) if at(l) % 3 == 0)
+        ballot = sum(1 << j for j in range(32) if at(j) % 3 == 0)
         out += [
             at(lane ^ 5),
             at(lane + 3) if lane + 3 < 32 else v,

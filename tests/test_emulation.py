@@ -1,6 +1,6 @@
 """The CUDA kernels on the CPU emulation (deq_ext._C_emu): schedules, whole solves, float32 sums.
 
-The op-by-op comparisons with the reference run in test_ops.py and test_anderson_ops.py
+The op-by-op comparisons with the reference run in test_broyden_ops.py and test_anderson_ops.py
 (their ``cuda-emu`` cases). Here: every op gives the same bits under every thread
 schedule (a race would show up as a difference), whole solves through the emulated
 kernels agree with the CPU kernels, and float32 state takes the same per-sample

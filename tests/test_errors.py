@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import deq_ext
-from deq_ext import Status
-from deq_ext import reference
+from deq_ext import Status, reference
 
 from .problems import contraction
 
@@ -156,3 +155,21 @@ def test_diverging_sample_never_crashes_the_batch():
     res = deq_ext.broyden(f, torch.zeros_like(x), max_iter=50, tol=1e-10)
     assert int(res.status[0]) == Status.DIVERGED
     assert bool(res.converged[1:].all())
+
+
+@pytest.mark.parametrize("method", ["broyden", "anderson", "fixed_point"])
+def test_an_unknown_option_is_an_error_not_ignored(method):
+    expected = rf"{method}\(\) got unexpected keyword argument\(s\) \['tolerance'\]"
+    with pytest.raises(TypeError, match=expected):
+        deq_ext.solve(lambda z: z, torch.zeros(2, 3), method=method, tolerance=1e-3)
+
+
+def test_broyden_workspace_counts_the_state_a_solve_allocates():
+    z0 = torch.empty(4, 3, 5, device="meta")
+    ws = deq_ext.solvers.broyden_workspace(z0, max_iter=7)
+    assert (ws["B"], ws["D"]) == (4, 15)
+    assert ws["history"] == 2 * 4 * 7 * 15 * 4  # U and V, (B, m, D) float32, m = max_iter
+    assert ws["total"] > ws["history"]
+    more = deq_ext.solvers.broyden_workspace(z0, max_iter=7, memory=3)
+    assert ws["history"] - more["history"] == 2 * 4 * 4 * 15 * 4
+    assert ws["total"] - more["total"] == ws["history"] - more["history"] + 4 * 3 * 4 * 4  # proj

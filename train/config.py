@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence, TypeVar, get_type_hints
 
@@ -23,9 +24,11 @@ class TrainConfig:
         seed: seeds the model initialisation, data order and dropout.
         steps: optimizer steps in total (pretrain steps included).
         batch_size: sequences per step and per process.
-        lr, weight_decay: AdamW settings.
+        lr: the peak learning rate (AdamW).
+        weight_decay: AdamW's decoupled weight decay.
         lr_warmup: steps of linear learning-rate warmup.
         schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear`` or ``constant`` after warmup.
+        min_lr_ratio: the cosine schedule's final learning rate, as a fraction of ``lr``.
         clip: gradient-norm clipping threshold (<= 0: off).
         pretrain_steps: the first steps run the shallow ``pretrain`` mode (paper, Appendix E),
             then the model switches to ``mode``.
@@ -38,7 +41,11 @@ class TrainConfig:
         amp: bf16 autocast: ``auto`` (on GPU only), ``on`` or ``off``. Never used on CPU.
         device: ``auto`` (cuda:LOCAL_RANK if available), ``cpu`` or ``cuda``.
         threads: torch CPU threads (0: torch's default).
-        progress: print a progress bar.
+        progress: a progress bar (on a terminal); without it, plain log lines every
+            ``log_every`` steps. The run's header, evaluations and final summary are printed
+            either way.
+        tensorboard: also write the logged scalars for TensorBoard here (needs the
+            ``tensorboard`` package).
     """
 
     seed: int = 0
@@ -61,6 +68,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
+    tensorboard: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("deq", "unrolled"):
@@ -93,19 +101,54 @@ def _converter(tp: Any):
     return tp
 
 
+_ATTRIBUTE = re.compile(r"^\s{8}([A-Za-z_]\w*(?:, [A-Za-z_]\w*)*): (.*)$")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description from the ``Attributes:`` sections of ``cls`` and its bases.
+
+    An entry is ``name: text`` or ``a, b: text`` (shared), continued on more indented lines.
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        lines = (klass.__doc__ or "").splitlines()
+        names: list[str] = []
+        in_section = False
+        for line in lines:
+            if line.strip() == "Attributes:" or line.strip().startswith("Attributes ("):
+                in_section = True
+                continue
+            if not in_section:
+                continue
+            m = _ATTRIBUTE.match(line)
+            if m:
+                names = m.group(1).split(", ")
+                for n in names:
+                    docs[n] = m.group(2).strip()
+            elif line.startswith(" " * 12) and names:
+                for n in names:
+                    docs[n] += " " + line.strip()
+            elif line.strip():
+                names = []
+    return docs
+
+
 def parse_config(cls: type[C], argv: Optional[Sequence[str]], description: str,
                  presets: Mapping[str, Mapping[str, Any]] = {}) -> C:
     """Build a ``cls`` from presets, ``--config FILE`` and one flag per field (``--batch-size``)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="JSON file of field values")
+    parser.add_argument("--config", help="JSON file of field values (names as in the flags, "
+                        "with underscores)")
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="a named configuration")
     hints = get_type_hints(cls)
+    docs = field_docs(cls)
     for f in fields(cls):
+        default = f"(default {f.default!r})" if f.default is not dataclasses.MISSING else ""
+        text = docs.get(f.name, "").replace("%", "%%").replace("``", "")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
                             type=_converter(hints[f.name]), default=argparse.SUPPRESS,
-                            help=f"(default {f.default!r})" if f.default is not
-                            dataclasses.MISSING else None)
+                            help=f"{text} {default}".strip() or None)
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     preset = ns.pop("preset", None)

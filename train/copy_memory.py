@@ -21,6 +21,7 @@ from torch import nn
 
 from deq_ext import SolverSettings
 from models import ModeConfig, TransformerConfig, TrellisNetConfig, build_core
+from models.modes import SequenceCore
 
 from .config import TrainConfig, parse_config
 from .data_copy import N_CLASSES, baseline_losses, copy_memory_splits
@@ -115,7 +116,7 @@ class CopyModel(nn.Module):
         else:
             raise ValueError(f"model must be transformer or trellisnet, got {cfg.model!r}")
         self.embedding = nn.Embedding(N_CLASSES, cfg.d_model)
-        self.core = build_core(core_cfg, modes)
+        self.core: SequenceCore = build_core(core_cfg, modes)
         self.head = nn.Linear(self.core.d_out, N_CLASSES)
 
     def set_mode(self, mode: str, **changes: Any) -> None:
@@ -189,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     task = CopyTask(cfg, device)
     base = baseline_losses(cfg.T)
     n_params = sum(p.numel() for p in task.model.parameters())
-    if rank == 0 and cfg.progress:
+    if rank == 0:
         print(f"copy memory: T={cfg.T} model={cfg.model} mode={cfg.mode} params={n_params} "
               f"device={device} world={world}; baselines: class prior "
               f"{base['class_prior']:.4f}, blank-then-uniform {base['blank_then_uniform']:.4f}",
@@ -200,10 +201,9 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     summary.update(params=n_params, baselines=base)
     final = summary["final"]
     if rank == 0 and final:
-        if cfg.progress:
-            print(f"final test loss {final['test_loss']:.5f} (class-prior baseline "
-                  f"{base['class_prior']:.4f}), copy accuracy {final['test_copy_accuracy']:.4f}, "
-                  f"wall {summary['wall_s']:.1f}s", flush=True)
+        print(f"final test loss {final['test_loss']:.5f} (class-prior baseline "
+              f"{base['class_prior']:.4f}), copy accuracy {final['test_copy_accuracy']:.4f}, "
+              f"wall {summary['wall_s']:.1f}s", flush=True)
         if cfg.results is not None:
             write_results(cfg.results, cfg, summary, device, argv)
     return summary
@@ -230,6 +230,12 @@ def write_results(path: str, cfg: CopyConfig, summary: dict[str, Any], device: t
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(record, fh, indent=2)
+
+
+def cli() -> int:
+    """Console-script entry point: runs :func:`main` on the command line's arguments."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     rank, world, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     task = LMTask(cfg, corpus, device, rank, world)
-    if rank == 0 and cfg.progress:
+    if rank == 0:
         n_params = sum(p.numel() for p in task.model.parameters())
         print(f"language model: {cfg.data} vocab={len(corpus.vocab)} "
               f"train tokens={corpus.streams['train'].numel()} preset={cfg.model_preset} "
@@ -139,7 +139,18 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
               flush=True)
     # The model was built from cfg.seed on every rank; dropout masks now differ per rank.
     seed_everything(cfg.seed + rank)
-    return train(cfg, task, rank, world, device, stop_at=stop_at)
+    summary = train(cfg, task, rank, world, device, stop_at=stop_at)
+    final = summary["final"]
+    if rank == 0 and final:
+        print(f"final valid ppl {final['valid_ppl']:.2f}, test ppl {final['test_ppl']:.2f}, "
+              f"wall {summary['wall_s']:.1f}s", flush=True)
+    return summary
+
+
+def cli() -> int:
+    """Console-script entry point: runs :func:`main` on the command line's arguments."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

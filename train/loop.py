@@ -150,35 +150,58 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (nothing when None)."""
+    """Appends one JSON object per line to ``path`` (nothing when None), and the same scalars
+    to TensorBoard when ``tensorboard_dir`` is given."""
 
-    def __init__(self, path: Optional[str]) -> None:
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None) -> None:
         self.path = path
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("--tensorboard needs the tensorboard package "
+                                   "(pip install tensorboard)") from exc
+            self.tb = SummaryWriter(tensorboard_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and key not in ("step", "time"):
+                    self.tb.add_scalar(f"{record.get('event', 'train')}/{key}", value,
+                                       record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 class Progress:
-    """A text progress bar; on a non-terminal, one line every ``every`` steps instead."""
+    """A progress bar on a terminal (when ``bar``); otherwise one plain line every ``every``
+    steps. Messages (evaluations, mode changes) are printed either way."""
 
-    def __init__(self, total: int, every: int, enabled: bool) -> None:
+    def __init__(self, total: int, every: int, bar: bool, enabled: bool = True) -> None:
         self.total, self.every, self.enabled = total, max(1, every), enabled
-        self.tty = sys.stdout.isatty()
+        self.tty = bar and sys.stdout.isatty()
         self.start = time.time()
 
     def update(self, step: int, fields: dict[str, float]) -> None:
         done = step + 1
         if not self.enabled or (not self.tty and done % self.every and done != self.total):
             return
-        width = 30
-        filled = int(width * done / self.total)
         rate = done / max(1e-9, time.time() - self.start)
         text = " ".join(f"{k} {v:.4g}" for k, v in fields.items())
+        if not self.tty:
+            print(f"step {done}/{self.total} {text} {rate:.2f} it/s", flush=True)
+            return
+        width = 30
+        filled = int(width * done / self.total)
         line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text} {rate:.2f} it/s"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        print("\r" + line, end="", flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -206,10 +229,6 @@ def resolve_resume(cfg: TrainConfig) -> Optional[str]:
     return cfg.resume
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 # -- the loop ----------------------------------------------------------------------------------
 def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.device,
           stop_at: Optional[int] = None) -> dict[str, Any]:
@@ -218,7 +237,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
     The summary has ``losses`` (training loss per step run here), the last evaluation under
     ``final`` and ``wall_s``.
     """
-    raw = task.model.to(device)
+    raw: Any = task.model.to(device)  # a model with .core and .set_mode (see Task)
     model: nn.Module = raw
     if world > 1:
         # Every parameter takes part in every loss (the adaptive softmax gives clusters without
@@ -244,12 +263,13 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
     if cfg.out_dir is not None and main:
         os.makedirs(cfg.out_dir, exist_ok=True)
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl")
-                     if cfg.out_dir is not None and main else None)
+                     if cfg.out_dir is not None and main else None,
+                     cfg.tensorboard if main else None)
     use_amp = device.type == "cuda" and cfg.amp != "off"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp \
         else contextlib.nullcontext
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = Progress(cfg.steps, cfg.log_every, cfg.progress and main)
+    bar = Progress(cfg.steps, cfg.log_every, bar=cfg.progress, enabled=main)
     t0 = time.time()
     losses: list[float] = []
     final: dict[str, Any] = {}
@@ -258,7 +278,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         # Every rank's RNG and task state (a language model's memory of its own rows) are
         # gathered, so that each rank resumes its own dropout stream and memory.
         mine = (rng_state(), map_tensors(lambda t: t.detach().cpu(), task.state_dict()))
-        states = [mine]
+        states: list[Any] = [mine]
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, mine)
@@ -313,4 +333,5 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
             final = evaluate(step + 1, step + 1 == cfg.steps)
     if end > start:
         checkpoint(end)
+    log.close()
     return {"losses": losses, "final": final, "wall_s": time.time() - t0, "start": start}

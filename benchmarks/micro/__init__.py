@@ -26,8 +26,8 @@ The recorded CPU run (``benchmarks/results/micro-cpu.json``), from the repositor
         --micro-sizes=full --benchmark-json=benchmarks/results/micro-cpu.json -k cpu
 
 (``-o addopts=""`` drops the ``--benchmark-skip`` that ``pyproject.toml`` adds for the default
-test run; 178 CPU cases, about 3 minutes on 2 cores, a 1.1 MB JSON.) The CI smoke run, every case once with tiny sizes and no timing, is
-``tests/test_microbench_smoke.py``; by hand::
+test run; 178 CPU cases, about 3 minutes on 2 cores, a 1.1 MB JSON.) The CI smoke run, every case
+once with tiny sizes and no timing, is ``tests/test_microbench_smoke.py``; by hand::
 
     python -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \\
         --benchmark-disable --micro-sizes=tiny

@@ -8,7 +8,8 @@ on the same machine at the same time:
    deq_ext's compiled solver, by the same solver evaluating f on the whole batch
    (what compaction saves), by the same solver reading the device every 4th
    iteration and never (``check_every=4``, ``stop_early=False``), by the driver on the
-   pure-PyTorch reference twin, and by torchdeq. f is wrapped in a timer, so each solve splits into the time spent inside
+   pure-PyTorch reference twin, and by torchdeq. f is wrapped in a timer, so each solve splits
+   into the time spent inside
    f and the solver's own time.
 2. **Bandwidth** (:mod:`.bandwidth`). The device copy bandwidth against the bytes
    the two fused passes of one Broyden iteration move, and those passes against one

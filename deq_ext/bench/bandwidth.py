@@ -79,15 +79,15 @@ def torchdeq_matvecs() -> tuple[Callable, Callable, str]:
     except ImportError:
         pass
 
-    def matvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def own_matvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # (-I + U V^T) x with U (B, D, L), V^T (B, L, D)
         return -x + torch.einsum("bdl,bl->bd", Us, torch.einsum("bld,bd->bl", VTs, x))
 
-    def rmatvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def own_rmatvec(Us: torch.Tensor, VTs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # x^T (-I + U V^T)
         return -x + torch.einsum("bl,bld->bd", torch.einsum("bd,bdl->bl", x, Us), VTs)
 
-    return matvec, rmatvec, "einsum equivalent in deq_ext.bench"
+    return own_matvec, own_rmatvec, "einsum equivalent in deq_ext.bench"
 
 
 def torchdeq_update(matvec: Callable, rmatvec: Callable, Us: torch.Tensor, VTs: torch.Tensor,

@@ -50,3 +50,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         write_json(results, cfg.out)
         progress(f"wrote {cfg.out}")
     return results
+
+
+def cli() -> int:
+    """Console-script entry point: runs :func:`main` on the command line's arguments."""
+    main()
+    return 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -145,7 +145,8 @@ def resolve_config(ns: argparse.Namespace) -> Config:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
     return Config(device=device, method=ns.method, dtype=ns.dtype, batch=batch, dim=dim, max_iter=max_iter,
-                  tol=float(ns.tol), rho_min=ns.rho_min, rho_max=ns.rho_max, memory=memory, repeat=repeat, quick=quick,
+                  tol=float(ns.tol), rho_min=ns.rho_min, rho_max=ns.rho_max, memory=memory,
+                  repeat=repeat, quick=quick,
                   compact=not ns.no_compact, seed=ns.seed, torchdeq=not ns.no_torchdeq,
                   reference=not ns.no_reference,
                   bandwidth=not ns.no_bandwidth and ns.method == "broyden",

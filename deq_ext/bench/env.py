@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import os
 import platform
@@ -30,9 +31,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Progress of the benchmarks goes through logging (logger ``deq_ext.bench``), shown on stderr
+# by default: stdout carries only the tables. Silence it with
+# ``logging.getLogger("deq_ext.bench").setLevel(logging.WARNING)``.
+_log = logging.getLogger("deq_ext.bench")
+if not _log.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("[deq_ext] %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
+    _log.propagate = False
+
+
 def progress(msg: str) -> None:
-    """A progress line on stderr (stdout carries only the table)."""
-    print(f"[deq_ext] {msg}", file=sys.stderr, flush=True)
+    """A progress line (logger ``deq_ext.bench``, on stderr by default)."""
+    _log.info(msg)
 
 
 def median(values: list[float]) -> float:
@@ -47,7 +60,7 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den
 
 
-def time_calls(device: torch.device, body: Callable[[], None], reset: Callable[[], None],
+def time_calls(device: torch.device, body: Callable[[], object], reset: Callable[[], object],
                reps: int, warmup: int = 2) -> list[float]:
     """Seconds of ``body()`` per call (``reset()`` runs before each call, untimed)."""
     for _ in range(warmup):

@@ -8,7 +8,7 @@ import torch
 
 from ..result import SolverResult
 from .anderson import anderson
-from .broyden import broyden
+from .broyden import broyden, broyden_workspace
 from .fixed_point import fixed_point
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {
@@ -32,4 +32,4 @@ def solve(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, method: s
     return solver(f, z0, **options)
 
 
-__all__ = ["SOLVERS", "anderson", "broyden", "fixed_point", "solve"]
+__all__ = ["SOLVERS", "anderson", "broyden", "broyden_workspace", "fixed_point", "solve"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
 
 import torch
@@ -77,27 +78,65 @@ def take_rows(x, rows: torch.Tensor, batch: int):
         lambda t: t.index_select(0, rows) if t.dim() >= 1 and t.shape[0] == batch else t, x)
 
 
+@dataclass(frozen=True)
+class SolveOptions:
+    """The options every method takes, as keyword arguments of :func:`deq_ext.broyden`,
+    :func:`deq_ext.anderson` and :func:`deq_ext.fixed_point` (documented on ``broyden``)."""
+
+    inputs: tuple = ()
+    compact: Optional[bool] = None
+    max_iter: int = 50
+    tol: float = 1e-3
+    stop_mode: str = "abs"
+    per_sample: bool = True
+    return_final: bool = False
+    stall_patience: int = 30
+    diverge_ratio: float = 1e6
+    trace: bool = False
+    stop_early: bool = True
+    check_every: int = 1
+    return_state: bool = False
+    use_reference: bool = False
+
+    @classmethod
+    def of(cls, method: str, f, z0: torch.Tensor, options: dict) -> "SolveOptions":
+        """The checked options of a call of ``method`` (TypeError/ValueError when wrong)."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"{method}() got unexpected keyword argument(s) {unknown}; its "
+                            f"options are {sorted(known)} and the method's own")
+        opts = cls(**options)
+        validate_common(f, z0, opts.max_iter, opts.tol, opts.stop_mode, opts.stall_patience,
+                        opts.diverge_ratio)
+        validate_positive_int("check_every", opts.check_every)
+        # Compaction by default only with inputs: an f that closes over batched tensors
+        # cannot be handed a subset of the rows.
+        return replace(opts, inputs=tuple(opts.inputs),
+                       compact=bool(opts.inputs) if opts.compact is None else opts.compact)
+
+
 class MaskedSolve:
     """State and loop of one batched solve; subclasses implement :meth:`step`."""
 
-    def __init__(self, f: Func, z0: torch.Tensor, *, inputs: tuple, compact: bool, max_iter: int,
-                 tol: float, stop_mode: str, per_sample: bool, stall_patience: int,
-                 diverge_ratio: float, trace: bool, stop_early: bool, check_every: int,
-                 use_reference: bool) -> None:
-        self.f, self.inputs = f, inputs
+    def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions) -> None:
+        self.f, self.inputs = f, opts.inputs
         # Compaction needs the active count on the host, which only stop_early reads.
-        self.compact = compact and stop_early
+        self.compact = bool(opts.compact) and opts.stop_early
         self.shape, self.dtype, self.device = z0.shape, z0.dtype, z0.device
-        self.max_iter, self.tol, self.use_rel = max_iter, float(tol), stop_mode == "rel"
-        self.per_sample, self.stall_patience = per_sample, stall_patience
-        self.diverge_ratio = float(diverge_ratio)
-        self.trace, self.stop_early, self.check_every = trace, stop_early, check_every
-        self.ops = self._pick_ops(use_reference)
+        self.max_iter, self.tol = opts.max_iter, float(opts.tol)
+        self.use_rel = opts.stop_mode == "rel"
+        self.per_sample, self.stall_patience = opts.per_sample, opts.stall_patience
+        self.diverge_ratio = float(opts.diverge_ratio)
+        self.trace, self.stop_early, self.check_every = opts.trace, opts.stop_early, opts.check_every
+        self.ops = self._pick_ops(opts.use_reference)
 
         B = z0.shape[0]
         self.B, self.D = B, z0.numel() // B
         self.state_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
-        self.z = z0.detach().reshape(B, self.D).to(self.state_dtype).clone()
+        # Any strided z0 is accepted: the state is a fresh contiguous copy.
+        self.z = z0.detach().reshape(B, self.D).to(self.state_dtype).clone(
+            memory_format=torch.contiguous_format)
         # Compacted evaluations are scattered into this buffer (rows of finished samples go stale).
         self.fz_rows = torch.empty(B, self.D, dtype=z0.dtype, device=self.device) if self.compact else None
         self.g, self.dg = self.zeros(self.D), self.zeros(self.D)
@@ -142,6 +181,7 @@ class MaskedSolve:
         inputs = [take_rows(x, rows, self.B) for x in self.inputs]
         shape = (n,) + tuple(self.shape[1:])
         out = self.f(z.index_select(0, rows).view(shape).to(self.dtype), *inputs)
+        assert self.fz_rows is not None  # allocated whenever rows can be given (compaction)
         self.fz_rows.index_copy_(0, rows, self._checked(out, shape).reshape(n, self.D))
         return self.fz_rows
 
@@ -149,7 +189,8 @@ class MaskedSolve:
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}")
         if tuple(out.shape) != tuple(shape):
-            raise ValueError(f"f must return a tensor of its input's shape {tuple(shape)}, got {tuple(out.shape)}")
+            raise ValueError(f"f must return a tensor of its input's shape {tuple(shape)}, "
+                             f"got {tuple(out.shape)}")
         if out.dtype != self.dtype:
             raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype}")
         if out.device != self.device:
@@ -249,8 +290,8 @@ class MaskedSolve:
 # The data-dependent loop is a deliberate graph break for torch.compile: it runs eagerly
 # (an explicitly compiled f inside it still runs compiled).
 @torch.compiler.disable
-def run_solve(solve_cls, f: Func, z0: torch.Tensor, return_final: bool, return_state: bool,
-              trace: bool, **kwargs) -> SolverResult:
+def run_solve(solve_cls, f: Func, z0: torch.Tensor, opts: SolveOptions,
+              **method_options) -> SolverResult:
     """Runs one solve under no_grad: the empty-batch shortcut and the z0 check first.
 
     Without ``stop_early`` nothing is read from the device, so a non-finite z0 is not
@@ -258,12 +299,24 @@ def run_solve(solve_cls, f: Func, z0: torch.Tensor, return_final: bool, return_s
     """
     with torch.no_grad():
         if z0.shape[0] == 0 or z0.numel() == 0:
-            return _empty_result(z0, trace)
-        if kwargs["stop_early"] and not bool(torch.isfinite(z0).all()):
+            return _empty_result(z0, opts.trace)
+        if opts.stop_early and not bool(torch.isfinite(z0).all()):
             raise ValueError("z0 contains NaN or inf values")
-        solve = solve_cls(f, z0, trace=trace, **kwargs)
+        solve = solve_cls(f, z0, opts, **method_options)
         solve.run()
-        return solve.result(return_final, return_state)
+        return solve.result(opts.return_final, opts.return_state)
+
+
+def workspace_bytes(solve_cls, z0: torch.Tensor, opts: SolveOptions,
+                    **method_options) -> dict[str, int]:
+    """Bytes of the state a solve of ``z0`` allocates, without running it (z0 may be on the
+    meta device): ``total`` and ``history`` (the method's (B, m, D) buffers), ``B`` and ``D``."""
+    with torch.no_grad():
+        solve = solve_cls(None, z0, opts, **method_options)
+    tensors = {id(t): t for t in vars(solve).values() if isinstance(t, torch.Tensor)}
+    history = sum(t.nbytes for t in tensors.values() if t.dim() == 3 and t.shape[-1] == solve.D)
+    return {"total": sum(t.nbytes for t in tensors.values()), "history": history,
+            "B": solve.B, "D": solve.D}
 
 
 def _empty_result(z0: torch.Tensor, trace: bool) -> SolverResult:

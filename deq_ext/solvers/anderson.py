@@ -13,21 +13,20 @@ extension ops (semantics in :mod:`deq_ext.reference`):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..result import SolverResult
-from ._base import (Func, MaskedSolve, run_solve, validate_common, validate_positive,
-                    validate_positive_int)
+from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive, validate_positive_int
 
 
 class _AndersonSolve(MaskedSolve):
     """Anderson state: iterates X and residuals G (B, m, D), their Gram matrix (B, m, m)."""
 
-    def __init__(self, f: Func, z0: torch.Tensor, *, memory: int, beta: float, lam: float,
-                 **common) -> None:
-        super().__init__(f, z0, **common)
+    def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
+                 beta: float, lam: float) -> None:
+        super().__init__(f, z0, opts)
         self.beta, self.lam = float(beta), float(lam)
         self.X, self.G = self.zeros(memory, self.D), self.zeros(memory, self.D)
         self.gram, self.alpha = self.zeros(memory, memory), self.zeros(memory)
@@ -52,30 +51,18 @@ def anderson(
     f: Func,
     z0: torch.Tensor,
     *,
-    inputs: tuple = (),
-    compact: Optional[bool] = None,
-    max_iter: int = 50,
-    tol: float = 1e-3,
-    stop_mode: str = "abs",
     memory: Optional[int] = None,
     beta: float = 1.0,
     lam: float = 1e-4,
-    per_sample: bool = True,
-    return_final: bool = False,
-    stall_patience: int = 30,
-    diverge_ratio: float = 1e6,
-    trace: bool = False,
-    stop_early: bool = True,
-    check_every: int = 1,
-    return_state: bool = False,
-    use_reference: bool = False,
+    **options: Any,
 ) -> SolverResult:
     """Solve ``z = f(z)`` for every sample of a batch with Anderson acceleration.
 
-    The arguments shared with :func:`deq_ext.broyden` mean the same (f, z0,
-    inputs, compact, max_iter, tol, stop_mode, per_sample, return_final,
-    stall_patience, diverge_ratio, trace, stop_early, check_every, return_state,
-    use_reference). Specific to Anderson:
+    ``f``, ``z0`` and the ``options`` every method takes (``inputs``, ``compact``,
+    ``max_iter``, ``tol``, ``stop_mode``, ``per_sample``, ``return_final``,
+    ``stall_patience``, ``diverge_ratio``, ``trace``, ``stop_early``, ``check_every``,
+    ``return_state``, ``use_reference``) mean what they mean for :func:`deq_ext.broyden`.
+    Specific to Anderson:
 
     Args:
         memory: history size m (the last m iterates and residuals, a ring);
@@ -89,17 +76,10 @@ def anderson(
         sample, the steps whose weights could not be solved for (singular or
         non-finite system) and fell back to a plain damped step.
     """
-    if memory is None:
-        memory = 5
-    validate_common(f, z0, max_iter, tol, stop_mode, stall_patience, diverge_ratio)
-    validate_positive_int("check_every", check_every)
+    opts = SolveOptions.of("anderson", f, z0, options)
+    memory = 5 if memory is None else memory
     validate_positive_int("memory (history size m)", memory)
     validate_positive("beta", beta, upper=1.0)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    return run_solve(
-        _AndersonSolve, f, z0, return_final, return_state, trace,
-        inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
-        max_iter=max_iter, tol=tol, stop_mode=stop_mode, per_sample=per_sample,
-        stall_patience=stall_patience, diverge_ratio=diverge_ratio, stop_early=stop_early,
-        check_every=check_every, use_reference=use_reference, memory=memory, beta=beta, lam=lam)
+    return run_solve(_AndersonSolve, f, z0, opts, memory=memory, beta=beta, lam=lam)

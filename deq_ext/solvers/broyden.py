@@ -11,21 +11,21 @@ extension ops (semantics in :mod:`deq_ext.reference`):
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from ..result import SolverResult
 from ..status import NUM_SCALARS, Status
-from ._base import Func, MaskedSolve, run_solve, validate_common, validate_positive_int
+from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive_int, workspace_bytes
 
 
 class _BroydenSolve(MaskedSolve):
     """Broyden state: ring buffer U, V (B, m, D) of rank-1 pairs of H = -I + U V^T."""
 
-    def __init__(self, f: Func, z0: torch.Tensor, *, memory: int, line_search: bool,
-                 ls_max_iter: int, **common) -> None:
-        super().__init__(f, z0, **common)
+    def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
+                 line_search: bool, ls_max_iter: int) -> None:
+        super().__init__(f, z0, opts)
         self.line_search, self.ls_max_iter = line_search, ls_max_iter
         self.dz = self.zeros(self.D)
         self.U, self.V = self.zeros(memory, self.D), self.zeros(memory, self.D)
@@ -91,25 +91,16 @@ def broyden(
     f: Func,
     z0: torch.Tensor,
     *,
-    inputs: tuple = (),
-    compact: Optional[bool] = None,
-    max_iter: int = 50,
-    tol: float = 1e-3,
-    stop_mode: str = "abs",
     memory: Optional[int] = None,
-    per_sample: bool = True,
-    return_final: bool = False,
     line_search: bool = False,
     ls_max_iter: int = 4,
-    stall_patience: int = 30,
-    diverge_ratio: float = 1e6,
-    trace: bool = False,
-    stop_early: bool = True,
-    check_every: int = 1,
-    return_state: bool = False,
-    use_reference: bool = False,
+    **options: Any,
 ) -> SolverResult:
     """Solve ``z = f(z)`` for every sample of a batch with limited-memory Broyden.
+
+    The options from ``inputs`` to ``use_reference`` are those of every method
+    (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``line_search`` and
+    ``ls_max_iter`` are Broyden's own.
 
     Args:
         f: ``f(z, *inputs)`` maps a tensor shaped like ``z0`` to one of the same
@@ -169,16 +160,26 @@ def broyden(
         >>> res = deq_ext.broyden(lambda z: z @ A + 1.0, torch.zeros(4, 3), tol=1e-8)
         >>> res.z  # every entry is 2.0
     """
-    if memory is None:
-        memory = max_iter
-    validate_common(f, z0, max_iter, tol, stop_mode, stall_patience, diverge_ratio)
-    validate_positive_int("check_every", check_every)
+    opts, own = _checked(f, z0, memory, line_search, ls_max_iter, options)
+    return run_solve(_BroydenSolve, f, z0, opts, **own)
+
+
+def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
+                      line_search: bool = False, ls_max_iter: int = 4,
+                      **options: Any) -> dict[str, int]:
+    """Bytes of the state ``broyden(f, z0, ...)`` allocates, without running it.
+
+    ``z0`` may live on the meta device. Returns ``total`` (every state tensor: iterate,
+    residuals, the history, compaction's buffer, per-sample vectors), ``history`` (U and V),
+    and the batch ``B`` and flattened size ``D``.
+    """
+    opts, own = _checked(lambda z, *inputs: z, z0, memory, line_search, ls_max_iter, options)
+    return workspace_bytes(_BroydenSolve, z0, opts, **own)
+
+
+def _checked(f, z0, memory, line_search, ls_max_iter, options) -> tuple[SolveOptions, dict]:
+    opts = SolveOptions.of("broyden", f, z0, options)
+    memory = opts.max_iter if memory is None else memory
     validate_positive_int("memory (history size m)", memory)
     validate_positive_int("ls_max_iter", ls_max_iter)
-    return run_solve(
-        _BroydenSolve, f, z0, return_final, return_state, trace,
-        inputs=tuple(inputs), compact=bool(inputs) if compact is None else compact,
-        max_iter=max_iter, tol=tol, stop_mode=stop_mode, per_sample=per_sample,
-        stall_patience=stall_patience, diverge_ratio=diverge_ratio, stop_early=stop_early,
-        check_every=check_every, use_reference=use_reference, memory=memory,
-        line_search=line_search, ls_max_iter=ls_max_iter)
+    return opts, dict(memory=memory, line_search=line_search, ls_max_iter=ls_max_iter)

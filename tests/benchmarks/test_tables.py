@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import memory_table, model_setup as ms, runtime_table
+from benchmarks import memory_table, runtime_table
+from benchmarks import model_setup as ms
 from models import get_preset
 from tests.models.helpers import saved_bytes as saved_bytes_by_pointer
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import (PRESETS, DEQTransformerCore, DEQTrellisNetCore, ModeConfig, build_model,
-                    count_parameters, get_preset)
+from models import (
+    PRESETS,
+    DEQTransformerCore,
+    DEQTrellisNetCore,
+    ModeConfig,
+    build_model,
+    count_parameters,
+    get_preset,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.config import TrainConfig, parse_config
+from train.config import TrainConfig, field_docs, parse_config
 from train.copy_memory import PRESETS, CopyConfig
 from train.loop import lr_factor
 
@@ -47,3 +47,22 @@ def test_schedule_warmup_then_cosine() -> None:
     lin = TrainConfig(steps=10, schedule="linear", min_lr_ratio=0.0)
     assert lr_factor(5, lin) == pytest.approx(0.5)
     assert lr_factor(3, TrainConfig(schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("script", ["train.copy_memory", "train.language_model"])
+def test_every_option_has_a_help_text(script: str, capsys) -> None:
+    import importlib
+    from dataclasses import fields
+
+    module = importlib.import_module(script)
+    cls = module.CopyConfig if script.endswith("copy_memory") else module.LMRunConfig
+    docs = field_docs(cls)
+    assert {f.name for f in fields(cls)} <= set(docs), "a field without a description"
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    help_text = capsys.readouterr().out
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in help_text
+        # The description's first words appear in the help (argparse rewraps the text).
+        assert " ".join(docs[f.name].replace("``", "").split()[:2]) in " ".join(help_text.split())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-
 from types import SimpleNamespace
 
 import pytest
@@ -102,6 +101,26 @@ def test_resume_gives_the_same_losses(tmp_path) -> None:
     resumed = main(args + ["--out-dir", out_dir, "--resume", "auto"])
     assert resumed["start"] == 8
     assert resumed["losses"] == full[8:]                 # bit for bit
+
+
+def test_without_a_progress_bar_it_prints_log_lines_and_the_final_summary(capsys) -> None:
+    main(TINY + ["--progress", "false", "--log-every", "6"])
+    out = capsys.readouterr().out
+    assert out.startswith("copy memory: T=")
+    assert "step 6/24 loss" in out and "step 24/24 loss" in out and "\r" not in out
+    assert "final test loss" in out.splitlines()[-1]
+
+
+def test_tensorboard_gets_the_logged_scalars(tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    main(TINY + ["--progress", "false", "--log-every", "4", "--tensorboard", str(tmp_path)])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(4, 25, 4))
+    assert [e.step for e in events.Scalars("eval/test_loss")] == [24]
 
 
 def test_missing_checkpoint_is_an_error(tmp_path) -> None:

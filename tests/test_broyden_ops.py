@@ -12,8 +12,14 @@ import torch
 from deq_ext import reference
 from deq_ext.status import DEN, VALID, Status
 
-from .helpers import (RUN_SEED, assert_states_match, clone_state, history_state, random_status,
-                      with_reduced_scalars)
+from .helpers import (
+    RUN_SEED,
+    assert_states_match,
+    clone_state,
+    history_state,
+    random_status,
+    with_reduced_scalars,
+)
 
 BATCHES = (1, 3, 33)
 DIMS = (1, 7, 129, 4096 + 32)
@@ -174,7 +180,8 @@ def test_reduce_marks_zero_denominator_invalid(ext, device):
     assert torch.all(st["scal"][:, VALID] == 0)
     assert torch.all(st["scal"][:, DEN] == 0)
     before = clone_state(st)
-    ext.broyden_expand_(*(st[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")))
+    ext.broyden_expand_(*(st[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status",
+                                          "npairs")))
     assert torch.equal(st["U"], before["U"]) and torch.equal(st["npairs"], before["npairs"])
     torch.testing.assert_close(st["dz"], before["g"], rtol=0, atol=0)  # step = -H g = g with H = -I
 
@@ -186,7 +193,8 @@ def test_ops_are_deterministic(ext, device):
     for _ in range(2):
         s = clone_state(st)
         ext.broyden_reduce(*(s[a] for a in ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")))
-        ext.broyden_expand_(*(s[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")))
+        ext.broyden_expand_(*(s[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status",
+                                             "npairs")))
         outs.append(s)
     for k in st:
         assert torch.equal(outs[0][k], outs[1][k]), k
