@@ -17,7 +17,8 @@ them and :func:`use_ops` routes solves through them.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib.machinery
+import os
 import warnings
 from types import ModuleType, SimpleNamespace
 from typing import Any, Iterator, Optional
@@ -79,7 +80,9 @@ def build_info() -> dict[str, Any]:
     info = dict(_C.build_info())
     archs = info.get("cuda_archs", "")
     info["cuda_archs"] = [a for a in archs.split("+") if a] if archs else []
-    info["emulation"] = importlib.util.find_spec(f"{__package__}._C_emu") is not None
+    # Looked for next to this package only (not through other import hooks), never imported.
+    info["emulation"] = importlib.machinery.PathFinder.find_spec(
+        f"{__package__}._C_emu", [os.path.dirname(__file__)]) is not None
     info["loaded"] = True
     return info
 

@@ -186,7 +186,7 @@ def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
             raise TypeError(f"input {i} is an integer tensor that requires grad ({x.dtype})")
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # one deliberate graph break: the solves' loops depend on the data
 def deq_fixed_point(
     f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
@@ -314,6 +314,8 @@ class DEQ(nn.Module):
         """Per-sample statistics of the last backward (adjoint) solve."""
         return self._stats.get("backward")
 
+    # Eager under torch.compile, like the solve: traced code would pass deq_fixed_point the
+    # module behind a compiled f instead of the compiled f.
     @torch.compiler.disable
     def forward(self, *inputs: Any, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Solve for z* given the inputs; ``z0`` defaults to zeros shaped like the first input."""
