@@ -138,3 +138,56 @@ def bytes_kept_for_backward(out: torch.Tensor, params=()) -> int:
                         pass
         stack.extend(gc.get_referents(obj))
     return sum(storages.values())
+
+
+RESIDUAL_ARGS = ("fz", "z", "g", "dg", "z_best", "best_abs", "best_rel", "res_abs", "res_rel",
+                 "status", "nstep", "nfev", "stall")
+
+
+def residual_state(B, D, dtype, fz_dtype, device, seed):
+    """Random residual/status state: fz near z (one NaN sample when B > 2), mixed status."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    z = rnd(B, D)
+    fz = (z.double() + 0.1 * torch.randn(B, D, generator=gen, dtype=torch.float64)
+          * torch.rand(B, 1, generator=gen, dtype=torch.float64)).to(fz_dtype)
+    if B > 2:
+        fz[1, 0] = math.nan  # a sample whose f returned NaN must be flagged diverged
+    best = (0.1 * math.sqrt(D) * torch.rand(B, generator=gen, dtype=torch.float64)).to(dtype)
+    best[torch.rand(B, generator=gen) < 0.3] = math.inf
+    st = dict(
+        fz=fz, z=z, g=rnd(B, D), dg=rnd(B, D), z_best=rnd(B, D),
+        best_abs=best, best_rel=best.clone() / 3,
+        res_abs=rnd(B).abs(), res_rel=rnd(B).abs(),
+        status=random_status(B, gen),
+        nstep=torch.randint(0, 9, (B,), generator=gen),
+        nfev=torch.randint(0, 9, (B,), generator=gen),
+        stall=torch.randint(0, 5, (B,), generator=gen),
+    )
+    if B > 2:
+        st["status"][1] = int(Status.ACTIVE)
+    return {k: v.to(device).contiguous() for k, v in st.items()}
+
+
+def anderson_state(B, m, D, dtype, device, seed):
+    """Random X, G with a consistent Gram matrix, nhist with ring wrap, mixed status."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    G = rnd(B, m, D) / math.sqrt(D)
+    st = dict(
+        X=rnd(B, m, D).to(dtype), G=G.to(dtype),
+        gram=(G @ G.transpose(1, 2)).to(dtype),
+        z=rnd(B, D).to(dtype), g=(rnd(B, D) / math.sqrt(D)).to(dtype),
+        alpha=rnd(B, m).to(dtype),
+        fallback=torch.randint(0, 3, (B,), generator=gen),
+        nhist=torch.randint(0, 2 * m + 3, (B,), generator=gen),
+        status=random_status(B, gen),
+    )
+    st["nhist"][0] = m + 1 + (seed % 3)  # one active sample has wrapped the ring
+    return {k: v.to(device).contiguous() for k, v in st.items()}

@@ -9,9 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from .helpers import history_state, with_reduced_scalars
-from .test_anderson_ops import anderson_state
-from .test_broyden_ops import RESIDUAL_ARGS, _residual_state
+from .helpers import RESIDUAL_ARGS, anderson_state, history_state, residual_state, with_reduced_scalars
 
 # Awkward sizes (B, D, m): a single element, one partial warp, three chunks of the CUDA
 # kernels' D (1024 per block) with a partial last one, and a long history; every state
@@ -38,7 +36,7 @@ OP_CASES: dict[str, tuple[Callable[..., dict], Callable[[dict], tuple]]] = {
         lambda B, D, m, dt, s: with_reduced_scalars(history_state(B, m, D, dt, "cpu", s), s),
         _names("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")),
     "residual_status_": (
-        lambda B, D, m, dt, s: _residual_state(B, D, dt, dt, "cpu", s),
+        lambda B, D, m, dt, s: residual_state(B, D, dt, dt, "cpu", s),
         lambda st: (*_names(*RESIDUAL_ARGS)(st), 0.5, False, 3, 1e3, True, True)),
     "anderson_store_": (
         lambda B, D, m, dt, s: anderson_state(B, m, D, dt, "cpu", s),

@@ -11,32 +11,11 @@ import torch
 from deq_ext import reference
 from deq_ext.status import Status
 
-from .helpers import assert_states_match, clone_state, random_status
+from .helpers import anderson_state, assert_states_match, clone_state, random_status
 from .test_broyden_ops import BATCHES, DIMS, DTYPES, _seed
 
 MEMORIES = (1, 5, 30)
 SIZES = list(itertools.product(BATCHES, DIMS, MEMORIES))
-
-
-def anderson_state(B, m, D, dtype, device, seed):
-    """Random X, G with a consistent Gram matrix, nhist with ring wrap, mixed status."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    G = rnd(B, m, D) / math.sqrt(D)
-    st = dict(
-        X=rnd(B, m, D).to(dtype), G=G.to(dtype),
-        gram=(G @ G.transpose(1, 2)).to(dtype),
-        z=rnd(B, D).to(dtype), g=(rnd(B, D) / math.sqrt(D)).to(dtype),
-        alpha=rnd(B, m).to(dtype),
-        fallback=torch.randint(0, 3, (B,), generator=gen),
-        nhist=torch.randint(0, 2 * m + 3, (B,), generator=gen),
-        status=random_status(B, gen),
-    )
-    st["nhist"][0] = m + 1 + (seed % 3)  # one active sample has wrapped the ring
-    return {k: v.to(device).contiguous() for k, v in st.items()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -13,11 +13,12 @@ from deq_ext import reference
 from deq_ext.status import DEN, VALID, Status
 
 from .helpers import (
+    RESIDUAL_ARGS,
     RUN_SEED,
     assert_states_match,
     clone_state,
     history_state,
-    random_status,
+    residual_state,
     with_reduced_scalars,
 )
 
@@ -67,33 +68,6 @@ def test_expand_matches_reference(ext, device, dtype, B, D, m):
         assert torch.equal(st["U"][b, others], before["U"][b, others])
 
 
-def _residual_state(B, D, dtype, fz_dtype, device, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    z = rnd(B, D)
-    fz = (z.double() + 0.1 * torch.randn(B, D, generator=gen, dtype=torch.float64)
-          * torch.rand(B, 1, generator=gen, dtype=torch.float64)).to(fz_dtype)
-    if B > 2:
-        fz[1, 0] = math.nan  # a sample whose f returned NaN must be flagged diverged
-    best = (0.1 * math.sqrt(D) * torch.rand(B, generator=gen, dtype=torch.float64)).to(dtype)
-    best[torch.rand(B, generator=gen) < 0.3] = math.inf
-    st = dict(
-        fz=fz, z=z, g=rnd(B, D), dg=rnd(B, D), z_best=rnd(B, D),
-        best_abs=best, best_rel=best.clone() / 3,
-        res_abs=rnd(B).abs(), res_rel=rnd(B).abs(),
-        status=random_status(B, gen),
-        nstep=torch.randint(0, 9, (B,), generator=gen),
-        nfev=torch.randint(0, 9, (B,), generator=gen),
-        stall=torch.randint(0, 5, (B,), generator=gen),
-    )
-    if B > 2:
-        st["status"][1] = int(Status.ACTIVE)
-    return {k: v.to(device).contiguous() for k, v in st.items()}
-
-
 def _tol_between(r: torch.Tensor) -> float:
     """A tolerance halfway (geometrically) between two residuals: no sample sits on the boundary."""
     r = r.sort().values
@@ -103,17 +77,13 @@ def _tol_between(r: torch.Tensor) -> float:
     return math.sqrt(float(r[i - 1]) * float(r[i]))
 
 
-RESIDUAL_ARGS = ("fz", "z", "g", "dg", "z_best", "best_abs", "best_rel", "res_abs", "res_rel",
-                 "status", "nstep", "nfev", "stall")
-
-
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
 @pytest.mark.parametrize("dtype,fz_dtype", [
     (torch.float64, torch.float64), (torch.float32, torch.float32),
     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)], ids=str)
 @pytest.mark.parametrize("B,D", list(itertools.product(BATCHES, DIMS)))
 def test_residual_status_matches_reference(ext, device, dtype, fz_dtype, stop_mode, B, D):
-    st = _residual_state(B, D, dtype, fz_dtype, device, seed=_seed("res", B, D, dtype, fz_dtype))
+    st = residual_state(B, D, dtype, fz_dtype, device, seed=_seed("res", B, D, dtype, fz_dtype))
     before = clone_state(st)
     want = clone_state(st)
     use_rel = stop_mode == "rel"
@@ -136,7 +106,7 @@ def test_residual_status_matches_reference(ext, device, dtype, fz_dtype, stop_mo
 def test_residual_status_flags(ext, device, flags):
     """count_step and freeze_converged change exactly what they say."""
     count_step, freeze = flags
-    st = _residual_state(5, 64, torch.float64, torch.float64, device, seed=11)
+    st = residual_state(5, 64, torch.float64, torch.float64, device, seed=11)
     was_active = st["status"] == Status.ACTIVE
     want = clone_state(st)
     params = (1e30, False, 0, 1e3, count_step, freeze)  # every finite sample meets tol
@@ -151,7 +121,7 @@ def test_residual_status_flags(ext, device, flags):
 def test_residual_norms_of_huge_finite_values_stay_finite(ext, device):
     """|f(z) - z| of 1e18 per element is finite in float32, but its square sums overflow float32:
     the sums are taken in double, so the sample stays ACTIVE, as in the reference."""
-    st = _residual_state(2, 1024, torch.float32, torch.float32, device, seed=13)
+    st = residual_state(2, 1024, torch.float32, torch.float32, device, seed=13)
     st["status"].fill_(int(Status.ACTIVE))
     st["best_abs"].fill_(math.inf)
     st["best_rel"].fill_(math.inf)
