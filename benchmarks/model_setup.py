@@ -237,6 +237,16 @@ def with_solver_options(modes: ModeConfig, options: dict[str, bool]) -> dict[str
             "eval_forward": add(modes.eval_forward)}
 
 
+def with_solver_method(modes: ModeConfig, method: str) -> dict[str, Any]:
+    """``set_mode`` changes that run every solve of ``modes`` with the registered solver
+    ``method`` at the same iterations, tolerance, stop mode and history (no other options)."""
+    def swap(settings: Optional[SolverSettings]) -> Optional[SolverSettings]:
+        return settings and replace(settings, method=method, options={})
+
+    return {"forward": swap(modes.forward), "backward": swap(modes.backward),
+            "eval_forward": swap(modes.eval_forward)}
+
+
 def zero_grads(module: torch.nn.Module) -> None:
     """Drop the gradients (so each measured step allocates its own)."""
     for p in module.parameters():

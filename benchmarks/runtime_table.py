@@ -42,19 +42,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
 
 from deq_ext import SolverStats
-from deq_ext.bench.env import median, progress, ratio, sync, time_calls
+from deq_ext.bench.env import machine_busy, median_index, progress, ratio, spread, sync, time_calls
 from models.modes import ModeConfig, SequenceCore
 
 from . import model_setup as ms
+from . import torchdeq_solver, trained_copy
 
 DEEP_DEPTH = {"transformer": 18, "trellisnet": 70}  # paper, Table 4
-VARIANTS = ("deep", "deq", "deq_no_compact", "deq_no_mask")
+VARIANTS = ("deep", "deq", "deq_no_compact", "deq_no_mask", "deq_torchdeq")
+COPY = "copy_memory"  # the trained, converging model (benchmarks.trained_copy)
 TARGETS = {"train": 2.0, "infer": 1.3}  # the issue's targets for DEQ / deep
 PAPER = {"transformer": {"train": 2.82, "infer": 1.76},  # paper, Table 4
          "trellisnet": {"train": 2.40, "infer": 1.64}}
@@ -82,6 +84,8 @@ class Bench:
     memory: tuple
     w: torch.Tensor  # the loss readout
     seed: int
+    deep_depth: int
+    variants: tuple[str, ...]
     stats: dict[str, SolverStats] = field(default_factory=dict)
     # The core's own settings, which every DEQ variant's options are added to.
     base_modes: ModeConfig = field(init=False)
@@ -96,7 +100,10 @@ class Bench:
     def prepare(self, variant: str, train: bool) -> None:
         """Untimed: mode, train/eval, fresh gradients, the same dropout masks for every variant."""
         if variant == "deep":
-            ms.set_mode(self.core, "unrolled", DEEP_DEPTH[self.kind])
+            ms.set_mode(self.core, "unrolled", self.deep_depth)
+        elif variant == "deq_torchdeq":
+            self.core.set_mode("deq", **ms.with_solver_method(self.base_modes,
+                                                              torchdeq_solver.register()))
         else:
             self.core.set_mode("deq", **ms.with_solver_options(self.base_modes,
                                                                ms.VARIANT_OPTIONS[variant]))
@@ -131,10 +138,11 @@ def timed_once(bench: Bench, variant: str, train: bool) -> float:
 
 def time_variants(bench: Bench, sizes: Sizes) -> dict[str, dict[str, list[float]]]:
     """Interleaved repeats: every repeat times every variant, training then inference."""
-    times: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []} for v in VARIANTS}
+    times: dict[str, dict[str, list[float]]] = {v: {"train": [], "infer": []}
+                                                for v in bench.variants}
     for rep in range(sizes.warmup + sizes.reps):
         t0 = time.perf_counter()
-        for variant in VARIANTS:
+        for variant in bench.variants:
             for phase in ("train", "infer"):
                 t = timed_once(bench, variant, phase == "train")
                 if rep >= sizes.warmup:
@@ -217,34 +225,79 @@ def instrumented(bench: Bench, variant: str, train: bool) -> dict[str, Any]:
 
 
 # -- one model ---------------------------------------------------------------------------------
-def measure_model(kind: str, preset: str, sizes: Sizes, device: torch.device,
-                  seed: int) -> dict[str, Any]:
-    """Timings, instrumented runs, ratios and targets of one model."""
+def build_bench(kind: str, preset: str, sizes: Sizes, device: torch.device, seed: int,
+                copy_dir: str, quick: bool) -> tuple[Bench, dict[str, Any]]:
+    """The model of one table block and what describes it: a preset's core on random inputs and
+    random weights, or the trained copy-memory model on its test sequences."""
+    variants = VARIANTS if torchdeq_solver.available() else VARIANTS[:-1]
+    if kind == COPY:
+        trained = trained_copy.load(copy_dir, quick)
+        model, cfg = trained["model"].to(device), trained["config"]
+        core = model.core
+        with torch.no_grad():
+            x = model.embedding(trained["test_x"][:sizes.batch].to(device)).detach()
+        info = {"preset": "copy memory, trained", "weights": f"trained ({trained['step']} steps)",
+                "train_command": trained["train_command"], "run_dir": trained["run_dir"],
+                "T": cfg.T, "seq": x.shape[1]}
+        memory = core.init_memory(sizes.batch, device)
+        return Bench(kind, core, x, memory, ms.readout(core, device), seed, cfg.unrolled_depth,
+                     variants), info
     core = ms.make_core(preset, seq=sizes.seq, device=device, mem_len=sizes.mem_len, seed=seed)
     x = ms.random_inputs(core, sizes.batch, sizes.seq, device)
     bench = Bench(kind, core, x, ms.steady_memory(core, sizes.batch, device),
-                  ms.readout(core, device), seed)
+                  ms.readout(core, device), seed, DEEP_DEPTH[kind], variants)
+    return bench, {"preset": preset, "weights": ms.WEIGHTS}
+
+
+def measure_model(kind: str, preset: str, sizes: Sizes, device: torch.device,
+                  seed: int, copy_dir: str = trained_copy.DEFAULT_DIR,
+                  quick: bool = False) -> dict[str, Any]:
+    """Timings, instrumented runs, ratios and targets of one model."""
+    bench, info = build_bench(kind, preset, sizes, device, seed, copy_dir, quick)
+    core = bench.core
     modes = core.modes
     result: dict[str, Any] = {
-        "preset": preset, "mem_len": ms.mem_len_of(core), "deep_depth": DEEP_DEPTH[kind],
+        **info, "mem_len": ms.mem_len_of(core), "deep_depth": bench.deep_depth,
         "solver": {"train_forward": repr(modes.forward), "backward": repr(modes.backward),
                    "infer_forward": repr(modes.eval_forward or modes.forward)}}
     times = time_variants(bench, sizes)
     result["times_s"] = times
-    med = {v: {p: median(ts) for p, ts in phases.items()} for v, phases in times.items()}
+    med = {v: {p: median_of(ts) for p, ts in phases.items()} for v, phases in times.items()}
     result["median_s"] = med
+    result["spread_s"] = {v: {p: spread(ts) for p, ts in phases.items()}
+                          for v, phases in times.items()}
     result["instrumented"] = {
         v: {p: instrumented(bench, v, p == "train") for p in ("train", "infer")}
-        for v in VARIANTS if v != "deep"}
+        for v in bench.variants if v != "deep"}
     progress(f"{kind}: instrumented runs done")
     result["ratios"] = _ratios(med)
+    result["ratio_spreads"] = _ratio_spreads(times)
     result["compaction_rows_saved"] = {
         p: _rows_saved(result["instrumented"], p) for p in ("train", "infer")}
+    paper = PAPER.get(kind, {})
     result["targets"] = {p: {"ratio": result["ratios"][f"deq_over_deep_{p}"],
-                             "limit": TARGETS[p], "paper": PAPER[kind][p],
+                             "limit": TARGETS[p], "paper": paper.get(p),
                              "pass": _le(result["ratios"][f"deq_over_deep_{p}"], TARGETS[p])}
                          for p in ("train", "infer")}
     return result
+
+
+def median_of(times: list[float]) -> float:
+    """The median repeat's time (the lower one of an even count: a time that was measured)."""
+    return times[median_index(times)]
+
+
+def _ratio_spreads(times: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Per-repeat spreads of DEQ / deep and torchdeq / DEQ (the variants of one repeat ran back
+    to back, so their ratio shares the machine's state)."""
+    out: dict[str, Any] = {}
+    for p in ("train", "infer"):
+        out[f"deq_over_deep_{p}"] = spread([ratio(a, b) for a, b in
+                                            zip(times["deq"][p], times["deep"][p])])
+        if "deq_torchdeq" in times:
+            out[f"torchdeq_over_deq_{p}"] = spread([ratio(a, b) for a, b in
+                                                    zip(times["deq_torchdeq"][p], times["deq"][p])])
+    return out
 
 
 def _ratios(med: dict[str, dict[str, float]]) -> dict[str, Optional[float]]:
@@ -256,6 +309,9 @@ def _ratios(med: dict[str, dict[str, float]]) -> dict[str, Optional[float]]:
         out[f"no_mask_over_deq_{p}"] = ratio(med["deq_no_mask"][p], med["deq"][p])
         out[f"no_compact_over_deep_{p}"] = ratio(med["deq_no_compact"][p], med["deep"][p])
         out[f"no_mask_over_deep_{p}"] = ratio(med["deq_no_mask"][p], med["deep"][p])
+        if "deq_torchdeq" in med:
+            out[f"torchdeq_over_deq_{p}"] = ratio(med["deq_torchdeq"][p], med["deq"][p])
+            out[f"torchdeq_over_deep_{p}"] = ratio(med["deq_torchdeq"][p], med["deep"][p])
     return out
 
 
@@ -277,7 +333,7 @@ def resolve_sizes(args: argparse.Namespace, device: torch.device) -> Sizes:
     elif device.type == "cuda":
         default = Sizes(batch=ms.PAPER_BATCH, seq=ms.PAPER_SEQ, mem_len=None, reps=10, warmup=2)
     else:
-        default = Sizes(batch=4, seq=50, mem_len=None, reps=3, warmup=1)
+        default = Sizes(batch=4, seq=50, mem_len=None, reps=5, warmup=1)
     seq = args.seq or default.seq
     paper = device.type == "cuda" and not args.quick and seq == ms.PAPER_SEQ
     # The preset's memory (150) at the paper sizes; as long as the segment otherwise.
@@ -293,7 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_common_args(parser)
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per variant")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds")
-    parser.add_argument("--models", nargs="+", choices=sorted(DEEP_DEPTH), default=None)
+    parser.add_argument("--models", nargs="+", choices=sorted([*DEEP_DEPTH, COPY]), default=None,
+                        help="models to time (default: all; copy_memory is the trained, "
+                             "converging one)")
+    parser.add_argument("--copy-dir", default=trained_copy.DEFAULT_DIR,
+                        help="run directory of the trained copy-memory model (trained there "
+                             "first if it holds no finished run)")
+    parser.add_argument("--copy-batch", type=int, default=None,
+                        help="test sequences per step of the copy-memory model (default 64; "
+                             "--quick: 4)")
     return parser
 
 
@@ -309,10 +373,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results["timing"] = ("median of interleaved repeats after warm-up; CUDA events on GPU, "
                          "perf_counter on CPU; train = forward+backward, infer = eval no_grad "
                          "forward; solver share from a separate instrumented run")
-    names = ms.preset_names(args.quick)
+    names = {**ms.preset_names(args.quick), COPY: COPY}
     kinds = args.models or list(names)
+    copy_sizes = replace(sizes, batch=args.copy_batch or (4 if args.quick else 64))
     t0 = time.perf_counter()
-    results["models"] = {k: measure_model(k, names[k], sizes, device, args.seed) for k in kinds}
+    results["models"] = {
+        k: measure_model(k, names[k], copy_sizes if k == COPY else sizes, device, args.seed,
+                         args.copy_dir, args.quick) for k in kinds}
+    results["load_average_end"] = ms.load_average()
+    # A busy machine gets figures but no verdict.
+    results["busy"] = machine_busy(results["load_average_start"], results["load_average_end"])
+    if results["busy"]:
+        for model in results["models"].values():
+            for t in model["targets"].values():
+                t["pass"] = None
     ms.finish_run(results, format_table(results), args.out, t0)
     return results
 
@@ -320,23 +394,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """The readable table: times, ratios, solver share, rows saved and step counts per model."""
     s = results["sizes"]
-    lines = [f"Runtime table (DEQ vs deep weight-tied model), device: {results['device']}",
-             f"batch {s['batch']}, seq {s['seq']}, median of {s['reps']} interleaved repeats; "
-             f"{results['weights']}; {results['settings']}"]
+    lines = [f"Runtime table (DEQ vs deep weight-tied model and vs torchdeq's solver in the same "
+             f"DEQ), device: {results['device']}",
+             f"presets: batch {s['batch']}, seq {s['seq']}; median of {s['reps']} interleaved "
+             f"repeats (min..max of the ratio over repeats in brackets); {results['settings']}"]
+    if results.get("busy"):
+        lines.append(f"WARNING: the machine was busy ({results['busy']}); no verdicts")
     for kind, res in results["models"].items():
-        med, inst = res["median_s"], res["instrumented"]
-        lines += ["", f"{kind} ({res['preset']}{_memory(res)}, deep = "
+        med, inst, sp = res["median_s"], res["instrumented"], res.get("ratio_spreads", {})
+        lines += ["", f"{kind} ({res['preset']}{_memory(res)}; weights {res['weights']}; deep = "
                       f"{res['deep_depth']} layers):",
                   f"  {'variant':<16}{'train s':>9}{'x deep':>8}{'infer s':>9}{'x deep':>8}"
-                  f"{'f share tr/inf':>16}{'f rows tr/inf':>15}{'nstep mean/max (tr)':>21}"]
-        for v in VARIANTS:
+                  f"{'f share tr/inf':>16}{'f rows tr/inf':>15}{'nstep mean/max (tr)':>21}"
+                  f"{'resid fwd/bwd (tr)':>20}"]
+        for v in med:
             row = (f"  {v:<16}{med[v]['train']:>9.3f}{_x(med[v]['train'], med['deep']['train']):>8}"
                    f"{med[v]['infer']:>9.3f}{_x(med[v]['infer'], med['deep']['infer']):>8}")
             if v in inst:
                 tr, inf = inst[v]["train"], inst[v]["infer"]
                 row += (f"{_pct(tr['f_share']) + '/' + _pct(inf['f_share']):>16}"
                         f"{str(tr['f_rows']) + '/' + str(inf['f_rows']):>15}"
-                        f"{_nstep(tr):>21}")
+                        f"{_nstep(tr):>21}{_resid(tr):>20}")
             lines.append(row)
         saved = res["compaction_rows_saved"]
         lines.append(f"  solver share of DEQ time (train/infer): "
@@ -345,11 +423,28 @@ def format_table(results: dict[str, Any]) -> str:
                      f"inference nstep mean/max {_nstep(inst['deq']['infer'])}; "
                      f"f rows saved by compaction (train/infer): {_pct(saved['train'])}/"
                      f"{_pct(saved['infer'])}")
+        if "deq_torchdeq" in med:
+            lines.append(f"  torchdeq's solver / deq_ext's in the same DEQ: train "
+                         f"{_x(med['deq_torchdeq']['train'], med['deq']['train'])} "
+                         f"{_bracket(sp.get('torchdeq_over_deq_train'))}, infer "
+                         f"{_x(med['deq_torchdeq']['infer'], med['deq']['infer'])} "
+                         f"{_bracket(sp.get('torchdeq_over_deq_infer'))}")
         for p, t in res["targets"].items():
             verdict = "-" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+            paper = "" if t["paper"] is None else f" (paper {t['paper']}x)"
             lines.append(f"  target DEQ/deep {p} <= {t['limit']}x: {_x(t['ratio'], 1.0)} "
-                         f"{verdict} (paper {t['paper']}x)")
+                         f"{_bracket(sp.get(f'deq_over_deep_{p}'))} {verdict}{paper}")
     return "\n".join(lines)
+
+
+def _bracket(sp: Optional[dict[str, Any]]) -> str:
+    return "" if not sp or sp.get("min") is None else f"[{sp['min']:.2f}..{sp['max']:.2f}]"
+
+
+def _resid(run: dict[str, Any]) -> str:
+    parts = [run.get(f"{name}_nstep", {}).get("abs_residual_mean") for name in ("forward",
+                                                                                 "backward")]
+    return "/".join("-" if p is None else f"{p:.1e}" for p in parts)
 
 
 def _memory(res: dict[str, Any]) -> str:

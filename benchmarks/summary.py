@@ -29,27 +29,61 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def bench_lines(res: dict[str, Any]) -> Iterator[Line]:
-    """``python -m deq_ext.bench``: every target that applies on its device."""
+    """``python -m deq_ext.bench``: every target that applies on its device, named with its
+    workload (records without a problem kind predate the MLP problem: the solver-bound f) and
+    the per-round spread of the ratio where the record has it."""
+    kind = res.get("problem", {}).get("kind", "block")
+    workload = "solver-bound f" if kind == "block" else f"{kind} f"
+    rounds = res.get("config", {}).get("repeat")
+    spreads = res.get("ratio_spreads") or {}
+    if res.get("busy"):
+        yield (f"machine busy, no verdicts: {res['busy']}", None, "", None)
     for t in res.get("targets", []):
         if t["applies"]:
-            yield (t["name"], t["value"], f"{t['op']} {t['threshold']:g}", t["passed"])
+            sp = spreads.get(t["name"])
+            extra = (f"; {sp['n']} rounds {sp['min']:.2f}..{sp['max']:.2f}"
+                     if sp and sp.get("min") is not None else
+                     (f"; {rounds} rounds" if rounds else ""))
+            yield (f"{t['name']} [{workload}{extra}]", t["value"],
+                   f"{t['op']} {t['threshold']:g}", t["passed"])
 
 
 def memory_lines(res: dict[str, Any]) -> Iterator[Line]:
-    """Memory table: the DEQ's share of the 60-layer model, without and with the workspace."""
+    """Memory table: the DEQ's share of the deep model's peak memory at the paper's depth
+    (solver workspace included), and the saved-bytes share as a labelled secondary line."""
     for kind, model in res["models"].items():
         t = model["targets"]
-        yield (f"{kind} DEQ memory / 60-layer", t["share"], f"<= {t['limit']:g}", t["pass"])
-        if "share_with_workspace" in t:
-            yield (f"{kind} same, + solver workspace", t["share_with_workspace"],
-                   f"<= {t['limit']:g}", t["pass_with_workspace"])
+        if "depth" not in t:  # a record of the older, saved-bytes-only table
+            yield (f"{kind} DEQ saved bytes / 60-layer (old record: no workspace)", t["share"],
+                   "", None)
+            continue
+        yield (f"{kind} DEQ peak memory / {t['depth']}-layer", t["share"],
+               f"<= {t['limit']:g}", t["pass"])
+        if "share_saved_bytes" in t:
+            yield (f"{kind} same, saved bytes only (secondary)", t["share_saved_bytes"], "", None)
+
+
+def _range(spreads: dict[str, Any], key: str) -> str:
+    sp = spreads.get(key)
+    return "" if not sp or sp.get("min") is None else f"; {sp['min']:.2f}..{sp['max']:.2f}"
 
 
 def runtime_lines(res: dict[str, Any]) -> Iterator[Line]:
     """Runtime table: DEQ / deep for training and inference, and the f rows compaction saved."""
+    if res.get("busy"):
+        yield (f"machine busy, no verdicts: {res['busy']}", None, "", None)
     for kind, model in res["models"].items():
+        weights = "trained" if str(model.get("weights", "")).startswith("trained") else "random"
+        spreads = model.get("ratio_spreads") or {}
         for phase, t in model["targets"].items():
-            yield (f"{kind} DEQ / deep, {phase}", t["ratio"], f"<= {t['limit']:g}", t["pass"])
+            spread = _range(spreads, f"deq_over_deep_{phase}")
+            yield (f"{kind} DEQ / deep, {phase} [{weights} weights{spread}]",
+                   t["ratio"], f"<= {t['limit']:g}", t["pass"])
+        for phase in ("train", "infer"):
+            key = f"torchdeq_over_deq_{phase}"
+            if key in model.get("ratios", {}):
+                yield (f"{kind} torchdeq's solver / deq_ext's, {phase}{_range(spreads, key)}",
+                       model["ratios"][key], "", None)
         for phase, saved in model["compaction_rows_saved"].items():
             yield (f"{kind} f rows saved by compaction, {phase}", saved, "", None)
 
@@ -115,7 +149,7 @@ def summarize(paths: list[str]) -> tuple[str, bool]:
         device = res.get("device") or res.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
         out.append(f"{path.name} ({label}; {device})")
         for figure, value, target, passed in lines(res):
-            out.append(f"  {figure:<62}{_fmt(value):>9}  {target:<14}{_verdict(passed)}")
+            out.append(f"  {figure:<66}{_fmt(value):>9}  {target:<14}{_verdict(passed)}")
             all_passed = all_passed and passed is not False
     return "\n".join(out), all_passed
 

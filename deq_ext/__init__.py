@@ -15,9 +15,11 @@ from __future__ import annotations
 from . import compat, reference
 from ._extension import available as extension_available
 from ._extension import build_info
-from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings
+from .jacobian import jac_reg, spectral_radius
+from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings, state_steps
 from .result import SolverResult
-from .solvers import SOLVERS, anderson, broyden, fixed_point, solve
+from .solvers import SOLVERS, anderson, broyden, fixed_point, register_solver, solve, unregister_solver
+from .states import StateSpec
 from .status import Status
 
 __version__ = "0.1.0"
@@ -37,6 +39,12 @@ __all__ = [
     "build_info",
     "extension_available",
     "fixed_point",
+    "jac_reg",
     "reference",
+    "register_solver",
     "solve",
+    "spectral_radius",
+    "state_steps",
+    "StateSpec",
+    "unregister_solver",
 ]

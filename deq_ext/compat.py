@@ -1,18 +1,32 @@
 """Drop-in adapters for code written against locuslab/deq and torchdeq.
 
-locuslab/deq: replace ``from lib.solvers import broyden, anderson`` with
-``from deq_ext.compat import broyden, anderson``; the returned dict has the
-keys that code reads. torchdeq: ``deq_ext.compat.register_all_torchdeq()``
-once, then ``get_deq(f_solver='deq_ext_broyden', b_solver='deq_ext_anderson')``
-(also ``'deq_ext_fixed_point'``).
+locuslab/deq: replace ``from lib.solvers import anderson, broyden`` with
+``from deq_ext.compat import anderson, broyden`` wherever the solvers are imported (in
+DEQ-Sequence the model file *and* ``train_transformer.py``; in MDEQ-Vision ``mdeq_core.py``).
+Two semantics (``semantics=`` per call, :func:`set_semantics` or the environment variable
+``DEQ_EXT_COMPAT_SEMANTICS`` for a whole script):
+
+* ``"official"`` (the default): the original algorithm, batch-level stopping and all, with the
+  original's result dict (:mod:`deq_ext._locuslab_official`); the same numbers as the original.
+* ``"deq_ext"``: deq_ext's per-sample solvers behind the same dict (each sample stops at its own
+  tolerance, stall and divergence rules), plus ``status``, ``nstep_per_sample`` and ``name``.
+
+torchdeq: ``deq_ext.compat.register_all_torchdeq()`` once, then
+``get_deq(f_solver='deq_ext_broyden', b_solver='deq_ext_anderson')`` (also
+``'deq_ext_fixed_point'``).
+
+Every adapter raises TypeError on a keyword argument it does not implement (the originals
+silently ignore unknown keywords).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import torch
 
+from ._locuslab_official import official_anderson, official_broyden
 from .result import SolverResult
 from .solvers.anderson import anderson as _anderson
 from .solvers.broyden import broyden as _broyden
@@ -23,6 +37,54 @@ TORCHDEQ_NAME = "deq_ext_broyden"
 TORCHDEQ_NAMES = {"broyden": "deq_ext_broyden", "anderson": "deq_ext_anderson",
                   "fixed_point": "deq_ext_fixed_point"}
 
+SEMANTICS = ("official", "deq_ext")
+DEFAULT_SEMANTICS = "official"
+SEMANTICS_ENV = "DEQ_EXT_COMPAT_SEMANTICS"
+_semantics_override: Optional[str] = None
+
+
+def _checked_semantics(value: Any, source: str) -> str:
+    if value not in SEMANTICS:
+        raise ValueError(f"{source} must be one of {SEMANTICS}, got {value!r}")
+    return value
+
+
+def get_semantics() -> str:
+    """The semantics the locuslab adapters use when a call does not name one.
+
+    :func:`set_semantics` if called, else ``$DEQ_EXT_COMPAT_SEMANTICS`` (read at each call), else
+    :data:`DEFAULT_SEMANTICS` (``"official"``).
+    """
+    if _semantics_override is not None:
+        return _semantics_override
+    env = os.environ.get(SEMANTICS_ENV)
+    if env:
+        return _checked_semantics(env, f"environment variable {SEMANTICS_ENV}")
+    return DEFAULT_SEMANTICS
+
+
+def set_semantics(semantics: Optional[str]) -> Optional[str]:
+    """Set the semantics of every later locuslab-adapter call in this process.
+
+    ``"official"`` or ``"deq_ext"``; ``None`` goes back to the environment variable / default.
+    Returns the previous setting (``None`` when none was set), so it can be restored.
+    """
+    global _semantics_override
+    previous = _semantics_override
+    _semantics_override = None if semantics is None else _checked_semantics(semantics, "semantics")
+    return previous
+
+
+def _resolve(semantics: Optional[str]) -> str:
+    return get_semantics() if semantics is None else _checked_semantics(semantics, "semantics")
+
+
+def _reject(adapter: str, kwargs: dict[str, Any]) -> None:
+    """The originals swallow unknown keywords; a setting that is not applied should be an error."""
+    if kwargs:
+        raise TypeError(f"deq_ext.compat.{adapter} does not implement the keyword argument(s) "
+                        f"{sorted(kwargs)}; see its docstring for those it accepts")
+
 
 def _batch_norm(per_sample: torch.Tensor) -> float:
     """The norm over the whole batch of per-sample norms, as locuslab/deq measures residuals."""
@@ -31,32 +93,59 @@ def _batch_norm(per_sample: torch.Tensor) -> float:
 
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, threshold: int,
             eps: float = 1e-3, stop_mode: str = "rel", ls: bool = False,
-            name: str = "unknown") -> dict[str, Any]:
-    """locuslab/deq's ``broyden(f, x0, threshold, eps, stop_mode, ls, name)``, per-sample inside.
+            name: str = "unknown", *, semantics: Optional[str] = None,
+            **kwargs: Any) -> dict[str, Any]:
+    """locuslab/deq's ``broyden(f, x0, threshold, eps, stop_mode, ls, name)``.
 
-    Returns the dict that code reads: ``result`` (x0's shape), ``lowest``
-    (batch residual of the result in ``stop_mode``), ``nstep`` (steps of the
-    slowest sample), ``prot_break`` (a sample diverged), ``abs_trace`` and
-    ``rel_trace`` (batch residual after each evaluation), ``eps``,
-    ``threshold``; plus ``status``, ``nstep_per_sample`` and ``name``.
-    Convergence is decided per sample rather than for the batch as a whole.
+    Any other keyword argument is a TypeError.
+
+    Returns the dict that code reads: ``result`` (x0's shape), ``lowest``, ``nstep``,
+    ``prot_break``, ``abs_trace``, ``rel_trace``, ``eps``, ``threshold``, plus ``name`` and
+    ``semantics``. Their meaning depends on ``semantics`` (None: :func:`get_semantics`):
+
+    * ``"official"``: the original algorithm (x0 must be ``(bsz, hidden, seq_len)``):
+      ``lowest`` is the lowest batch residual, ``nstep`` the step it was reached at, traces
+      hold one batch residual per step padded with the lowest to ``threshold + 1`` entries,
+      ``ls`` is the original's line search. See :mod:`deq_ext._locuslab_official`.
+    * ``"deq_ext"``: :func:`deq_ext.broyden` with per-sample stopping (any x0 shape):
+      ``lowest`` is the batch norm of the per-sample residuals of the result, ``nstep`` the
+      slowest sample's step count, traces start with x0's residual and are as long as the solve
+      ran, ``prot_break`` means some sample diverged, ``ls`` is deq_ext's per-sample Armijo
+      search; also ``status`` and ``nstep_per_sample``.
     """
+    _reject("broyden", kwargs)
+    if _resolve(semantics) == "official":
+        out = official_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode, ls=ls)
+        return {**out, "name": name, "semantics": "official"}
+    # The original keeps every pair: memory = threshold, whatever broyden's own default.
     res = _broyden(f, x0, max_iter=threshold, tol=eps, stop_mode=stop_mode, line_search=ls,
+                   memory=threshold,
                    trace=True)
     return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int = 6,
              lam: float = 1e-4, threshold: int = 50, eps: float = 1e-3, stop_mode: str = "rel",
-             beta: float = 1.0, **kwargs) -> dict[str, Any]:
-    """locuslab/deq's ``anderson(f, x0, m, lam, threshold, eps, stop_mode, beta)``, per-sample.
+             beta: float = 1.0, *, name: str = "unknown", semantics: Optional[str] = None,
+             **kwargs: Any) -> dict[str, Any]:
+    """locuslab/deq's ``anderson(f, x0, m, lam, threshold, eps, stop_mode, beta)``.
 
-    Returns the same dict as :func:`broyden`. ``lam`` is deq_ext's relative
-    ridge (see :func:`deq_ext.anderson`). Other keyword arguments are ignored.
+    ``name`` is accepted because MDEQ-Vision passes it (the original ignores it); any other
+    keyword is a TypeError. Returns the same dict as :func:`broyden`. With
+    ``semantics="official"``: ``threshold`` counts evaluations of f (two start the history),
+    ``lam`` is an absolute ridge, the relative residual is ``|f(z) - z| / (|f(z)| + 1e-5)``,
+    traces have ``threshold - 2`` entries, there is no stall or divergence rule and
+    ``prot_break`` is False. With ``"deq_ext"``: :func:`deq_ext.anderson` per sample,
+    ``threshold`` steps, ``lam`` relative to the Gram matrix's scale.
     """
+    _reject("anderson", kwargs)
+    if _resolve(semantics) == "official":
+        out = official_anderson(f, x0, m=m, lam=lam, threshold=threshold, eps=eps,
+                                stop_mode=stop_mode, beta=beta)
+        return {**out, "name": name, "semantics": "official"}
     res = _anderson(f, x0, memory=m, lam=lam, max_iter=threshold, tol=eps, stop_mode=stop_mode,
                     beta=beta, trace=True)
-    return _locuslab_dict(res, stop_mode, eps, threshold, kwargs.get("name", "unknown"))
+    return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
 def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int,
@@ -82,6 +171,7 @@ def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int
         "eps": eps,
         "threshold": threshold,
         "name": name,
+        "semantics": "deq_ext",
         "status": res.status,
         "nstep_per_sample": res.nstep,
     }
@@ -110,13 +200,18 @@ def torchdeq_broyden(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Ten
 
     ``info`` has torchdeq's fields (abs_lowest, rel_lowest, abs_trace,
     rel_trace, nstep; a ``SolverStat`` when torchdeq is installed).
-    ``indexing`` (intermediate iterates) is not recorded: the trajectory list
-    holds the final solution once per requested index. Unknown keyword
-    arguments are ignored, as torchdeq's own solvers do.
+    ``indexing``: the trajectory holds, per requested step k, what the solve
+    returns when stopped after k steps (``record``; the k-th iterate with
+    ``return_final``), per sample; a sample that stopped earlier repeats its
+    final iterate, and a k beyond ``max_iter`` gives the solution. The history
+    ``LBFGS_thres`` defaults to ``max_iter``, as torchdeq's. A keyword argument
+    not in the signature is a TypeError (torchdeq's own solvers ignore it).
     """
+    _reject("torchdeq_broyden", kwargs)
     res = _broyden(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                   memory=LBFGS_thres, line_search=ls, return_final=return_final, trace=True)
-    return _torchdeq_triple(res, stop_mode, indexing)
+                   memory=LBFGS_thres or max_iter, line_search=ls, return_final=return_final,
+                   trace=True, record=_recorded_steps(indexing, max_iter))
+    return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_anderson(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
@@ -124,9 +219,11 @@ def torchdeq_anderson(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Te
                       indexing: Optional[list] = None, m: int = 6, lam: float = 1e-4,
                       tau: float = 1.0, return_final: bool = False, **kwargs):
     """torchdeq's ``anderson_solver`` signature (``tau`` is the mixing ``beta``); see torchdeq_broyden."""
+    _reject("torchdeq_anderson", kwargs)
     res = _anderson(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=m, lam=lam,
-                    beta=tau, return_final=return_final, trace=True)
-    return _torchdeq_triple(res, stop_mode, indexing)
+                    beta=tau, return_final=return_final, trace=True,
+                    record=_recorded_steps(indexing, max_iter))
+    return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
@@ -134,13 +231,26 @@ def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch
                          indexing: Optional[list] = None, tau: float = 1.0,
                          return_final: bool = False, **kwargs):
     """torchdeq's ``fixed_point_iter`` signature (``tau`` is the damping); see torchdeq_broyden."""
+    _reject("torchdeq_fixed_point", kwargs)
     res = _fixed_point(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=tau,
-                       return_final=return_final, trace=True)
-    return _torchdeq_triple(res, stop_mode, indexing)
+                       return_final=return_final, trace=True,
+                       record=_recorded_steps(indexing, max_iter))
+    return _torchdeq_triple(res, indexing, max_iter)
 
 
-def _torchdeq_triple(res: SolverResult, stop_mode: str, indexing: Optional[list]):
-    trajectory = [res.z for _ in (indexing or [])]
+def _recorded_steps(indexing: Optional[list], max_iter: int) -> Optional[list[int]]:
+    """The steps of ``indexing`` the solve can record (the others are past its end)."""
+    if not indexing:
+        return None
+    steps = [int(k) for k in indexing]
+    if any(k < 0 for k in steps):
+        raise ValueError(f"indexing must hold non-negative steps, got {list(indexing)}")
+    return sorted({k for k in steps if k <= max_iter}) or None
+
+
+def _torchdeq_triple(res: SolverResult, indexing: Optional[list], max_iter: int):
+    recorded = dict(zip(_recorded_steps(indexing, max_iter) or [], res.recorded or []))
+    trajectory = [recorded.get(int(k), res.z) for k in (indexing or [])]
     return res.z, trajectory, _torchdeq_info(res)
 
 

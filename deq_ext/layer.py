@@ -7,11 +7,16 @@ gradient. Backward (Bai et al. 2019, Theorem 1): the adjoint system
 using vector-Jacobian products of f at z*; ``y`` then flows through that one
 recorded application of f to the inputs and the parameters. The memory kept for
 backward is one application of f, whatever the number of solver iterations.
+
+Beyond the solve, the same recorded application of f at z* gives the Jacobian
+regularizer (``jac_reg_samples``) and the spectral-radius estimate
+(``spectral_radius_steps``, :mod:`deq_ext.jacobian`); ``n_states`` returns states along the
+solver's trajectory for fixed-point correction; z may be a tuple, list or dict of tensors
+(:mod:`deq_ext.states`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -20,8 +25,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
+from .adjoint import AdjointMap, autocast_state, check_rerecord_below
+from .adjoint import reusable_backward as _reusable_backward
+from .jacobian import jac_reg, spectral_radius
 from .result import SolverResult
-from .solvers import solve
+from .solvers import get_solver, solve
+from .states import StateSpec, is_structured
 from .status import Status
 
 
@@ -53,6 +62,9 @@ class SolverSettings:
 
 DEFAULT_FORWARD = SolverSettings(max_iter=40, tol=1e-3)
 DEFAULT_BACKWARD = SolverSettings(max_iter=40, tol=1e-6)
+# The adjoint solve re-records f on its active rows when they fall to this fraction of the
+# recorded ones (so at 1/2, 1/4, ... of the batch).
+DEFAULT_RERECORD_BELOW = 0.5
 
 
 def paper_settings(seq_len: int, training: bool = True) -> tuple[SolverSettings, SolverSettings]:
@@ -84,6 +96,12 @@ class SolverStats:
 
     A sync-free backward solve (``stop_early=False``) cannot check for diverged
     samples without reading the device: its warning is issued by :meth:`summary`.
+    ``spectral_radius`` (forward only): the per-sample estimate of J_f(z*)'s spectral
+    radius when the layer was asked for one (``spectral_radius_steps``), else None.
+    ``vjp_rows`` and ``rerecord_rows`` (backward only): the batch rows the adjoint solve's
+    vector-Jacobian products went through (summed over its iterations) and the rows f was
+    re-applied to at z* to shrink that graph (:mod:`deq_ext.adjoint`); an uncompacted solve
+    takes B rows per VJP and re-records none.
     """
 
     nstep: torch.Tensor
@@ -92,6 +110,9 @@ class SolverStats:
     rel_residual: torch.Tensor
     status: torch.Tensor
     check_backward_divergence: bool = field(default=False, repr=False, compare=False)
+    spectral_radius: Optional[torch.Tensor] = None
+    vjp_rows: Optional[int] = None
+    rerecord_rows: Optional[int] = None
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
@@ -102,13 +123,20 @@ class SolverStats:
         if self.check_backward_divergence:
             self.check_backward_divergence = False
             _warn_if_backward_diverged(self.status, stacklevel=3)
-        return {
+        out = {
             "nstep": float(self.nstep.double().mean()),
             "nfev": float(self.nfev.double().mean()),
             "abs_residual": float(self.abs_residual.double().mean()),
             "rel_residual": float(self.rel_residual.double().mean()),
             "converged": float((self.status == Status.CONVERGED).double().mean()),
         }
+        if self.spectral_radius is not None:
+            out["spectral_radius"] = float(self.spectral_radius.double().mean())
+        if self.vjp_rows is not None:
+            out["vjp_rows"] = float(self.vjp_rows)
+        if self.rerecord_rows is not None:
+            out["rerecord_rows"] = float(self.rerecord_rows)
+        return out
 
 
 SettingsLike = Union[SolverSettings, dict, None]
@@ -163,16 +191,6 @@ def _needs_more_than(out: torch.Tensor, leaf: torch.Tensor) -> bool:
     return False
 
 
-def _reusable_backward() -> contextlib.AbstractContextManager:
-    """The adjoint solve takes one VJP through the recorded f per iteration (retain_graph).
-    A torch.compile'd f would otherwise donate its saved buffers to the first backward and
-    refuse the second, so the recording is compiled without donated buffers."""
-    config = torch._functorch.config
-    if hasattr(config, "donated_buffer"):
-        return config.patch(donated_buffer=False)
-    return contextlib.nullcontext()
-
-
 def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
     B = z0.shape[0]
     for i, x in enumerate(inputs):
@@ -186,10 +204,40 @@ def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
             raise TypeError(f"input {i} is an integer tensor that requires grad ({x.dtype})")
 
 
+def state_steps(n_states: int, max_iter: int) -> list[int]:
+    """The solver steps of the ``n_states`` states a DEQ returns: evenly spaced, ``max_iter //
+    n_states`` apart, the last at ``max_iter`` (torchdeq's ``n_states`` spacing)."""
+    gap = max_iter // n_states
+    return [max_iter - (n_states - 1 - k) * gap for k in range(n_states)]
+
+
+def _check_count(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0: off), got {value!r}")
+
+
+def _check_n_states(n_states: Optional[int], max_iter: int) -> None:
+    if n_states is None:
+        return
+    if not isinstance(n_states, int) or isinstance(n_states, bool) or not 1 <= n_states <= max_iter:
+        raise ValueError(f"n_states must be None or an integer in [1, forward max_iter={max_iter}], "
+                         f"got {n_states!r}")
+
+
+def _phantom(f: Callable[..., torch.Tensor], z: torch.Tensor, inputs: tuple, steps: int,
+             damping: float, fz: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``steps`` damped steps ``z <- (1 - damping) z + damping f(z)`` with ordinary backprop
+    (the first may reuse an application ``fz = f(z)`` already made)."""
+    for i in range(steps):
+        fz_i = fz if i == 0 and fz is not None else f(z, *inputs)
+        z = (1 - damping) * z + damping * fz_i
+    return z
+
+
 @torch.compiler.disable  # one deliberate graph break: the solves' loops depend on the data
 def deq_fixed_point(
-    f: Callable[..., torch.Tensor],
-    z0: torch.Tensor,
+    f: Callable[..., Any],
+    z0: Any,
     *inputs: Any,
     forward: SettingsLike = None,
     backward: SettingsLike = None,
@@ -198,13 +246,18 @@ def deq_fixed_point(
     phantom_damping: float = 1.0,
     compact: bool = True,
     stats: Optional[dict] = None,
-) -> torch.Tensor:
+    jac_reg_samples: int = 0,
+    spectral_radius_steps: int = 0,
+    n_states: Optional[int] = None,
+) -> Any:
     """Functional DEQ: returns z* = f(z*, *inputs), differentiable w.r.t. inputs and f's parameters.
 
     Args:
         f: ``f(z, *inputs) -> z``; each sample must only depend on its own row
             of z and of the inputs, unless ``compact=False``.
-        z0: initial guess ``(B, ...)`` (zeros are the usual choice).
+        z0: initial guess ``(B, ...)`` (zeros are the usual choice), or a tuple, list or
+            dict of such tensors (one dtype and device): f then takes and returns that
+            structure, and so does the result (:mod:`deq_ext.states`).
         inputs: tensors batched on dim 0 (size B), or non-tensors passed as is.
         forward, backward: :class:`SolverSettings` (or a dict of its fields and
             solver options) of the fixed-point solve and of the adjoint solve.
@@ -213,67 +266,145 @@ def deq_fixed_point(
             is the one-step / Jacobian-free gradient).
         compact: in the forward solve, evaluate f only on the active samples.
             Set False for an f that mixes samples (e.g. batch statistics). A
-            ``compact`` among the forward settings' options overrides it; the
-            backward solve is never compacted.
+            ``compact`` among the forward settings' options overrides it. The
+            backward (adjoint) solve is compacted as the forward one is unless its
+            settings say ``compact=False``: when its active samples fall to ``rerecord_below``
+            (a backward option, default 0.5) times the rows of the graph its VJPs go
+            through, f is applied once more at z* on those samples and the later VJPs
+            go through that smaller graph (:mod:`deq_ext.adjoint`). f must then be a
+            pure function of ``(z, *inputs)``: dropout masks drawn once per forward
+            pass must be passed as inputs (or otherwise kept fixed), not redrawn per call.
         stats: if given, ``stats['forward']`` and, after backward,
-            ``stats['backward']`` receive :class:`SolverStats`.
+            ``stats['backward']`` receive :class:`SolverStats`; with ``jac_reg_samples``,
+            ``stats['jac_loss']`` receives the Jacobian regularizer.
+        jac_reg_samples: with grad enabled and k > 0, ``stats['jac_loss']`` is the
+            per-sample ``(B,)`` Hutchinson estimate of ``||J_f(z*)||_F^2 / D`` with k probes
+            (:func:`deq_ext.jac_reg`), differentiable w.r.t. f's parameters, from the
+            application of f at z* the gradient already records (no extra forward).
+        spectral_radius_steps: n > 0 puts a per-sample power-iteration estimate (n VJPs)
+            of J_f(z*)'s spectral radius in ``stats['forward'].spectral_radius``
+            (:func:`deq_ext.spectral_radius`); without grad this costs one extra
+            application of f.
+        n_states: return a list of this many states along the forward solve instead of
+            z* alone (fixed-point correction, as in DEQ-Flow): the iterates after steps
+            :func:`state_steps` ``(n_states, max_iter)`` recorded by the solver (``record``),
+            each with a phantom gradient (``phantom_steps`` damped steps of f from it), the
+            last being z* with the ``grad_mode`` gradient. Without grad, the recorded
+            iterates and z* as they are.
     """
     fwd = _settings(forward, DEFAULT_FORWARD)
     bwd = _settings(backward, DEFAULT_BACKWARD)
     if grad_mode not in ("implicit", "phantom"):
         raise ValueError(f"grad_mode must be 'implicit' or 'phantom', got {grad_mode!r}")
-    if grad_mode == "phantom" and (phantom_steps < 1 or not 0 < phantom_damping <= 1):
+    if (grad_mode == "phantom" or n_states is not None) and (
+            phantom_steps < 1 or not 0 < phantom_damping <= 1):
         raise ValueError("phantom gradients need phantom_steps >= 1 and 0 < phantom_damping <= 1")
+    _check_count("jac_reg_samples", jac_reg_samples)
+    _check_count("spectral_radius_steps", spectral_radius_steps)
+    if (jac_reg_samples or spectral_radius_steps) and stats is None:
+        raise ValueError("jac_reg_samples and spectral_radius_steps need a stats dict to put their "
+                         "results in (stats=...)")
+    _check_n_states(n_states, fwd.max_iter)
+    get_solver(fwd.method), get_solver(bwd.method)  # an unknown method fails before any work
+    check_rerecord_below(bwd.options.get("rerecord_below", DEFAULT_RERECORD_BELOW))
+    options: dict[str, Any] = dict(
+        grad_mode=grad_mode, phantom_steps=phantom_steps, phantom_damping=phantom_damping,
+        compact=compact, stats=stats, jac_reg_samples=jac_reg_samples,
+        spectral_radius_steps=spectral_radius_steps, n_states=n_states)
+    if is_structured(z0):
+        # The solves, the gradients and the estimates all run on one flat state per sample.
+        spec = StateSpec(z0)
+        out = _deq_flat(spec.wrap(f), spec.pack(z0, what="z0").detach(), inputs, fwd, bwd, **options)
+        return [spec.unpack(z) for z in out] if n_states is not None else spec.unpack(out)
     if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
-    _check_inputs(z0, inputs)
+        raise TypeError(f"z0 must be a torch.Tensor or a tuple, list or dict of tensors, "
+                        f"got {type(z0).__name__}")
+    return _deq_flat(f, z0, inputs, fwd, bwd, **options)
 
+
+def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
+              fwd: SolverSettings, bwd: SolverSettings, *, grad_mode: str, phantom_steps: int,
+              phantom_damping: float, compact: bool, stats: Optional[dict], jac_reg_samples: int,
+              spectral_radius_steps: int, n_states: Optional[int]) -> Any:
+    """:func:`deq_fixed_point` for a tensor z0 (arguments checked)."""
+    _check_inputs(z0, inputs)
+    steps = state_steps(n_states, fwd.max_iter)[:-1] if n_states is not None else []
     # A ``compact`` in the forward settings' options is the more specific choice: it wins.
-    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs,
-                **{"compact": compact, **fwd.solver_kwargs()})
+    kwargs = {"compact": compact, **fwd.solver_kwargs()}
+    if steps:
+        kwargs["record"] = steps
+    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
     if stats is not None:
         stats["forward"] = SolverStats.of(res)
     z_star = res.z
+    earlier = list(res.recorded or []) if steps else []
+    if len(earlier) != len(steps):
+        raise ValueError(f"n_states needs the forward solver to honour record={steps}: solver "
+                         f"{fwd.method!r} returned {len(earlier)} recorded states")
+
+    def result(last: torch.Tensor, states: list[torch.Tensor]) -> Any:
+        return [*states, last] if n_states is not None else last
+
     if not torch.is_grad_enabled():
-        return z_star
+        if spectral_radius_steps:
+            assert stats is not None
+            with torch.enable_grad():
+                z_leaf = z_star.detach().requires_grad_()
+                stats["forward"].spectral_radius = spectral_radius(
+                    f(z_leaf, *inputs), z_leaf, spectral_radius_steps)
+        return result(z_star, earlier)
+
+    # Fixed-point correction: a phantom gradient from every earlier recorded state.
+    states = [_phantom(f, z.detach(), inputs, phantom_steps, phantom_damping) for z in earlier]
+
+    fz: Optional[torch.Tensor] = None
+    if grad_mode == "implicit" or jac_reg_samples or spectral_radius_steps:
+        z_leaf = z_star.detach().requires_grad_()
+        with _reusable_backward():
+            fz = f(z_leaf, *inputs)
+        if jac_reg_samples:
+            assert stats is not None
+            stats["jac_loss"] = jac_reg(fz, z_leaf, jac_reg_samples)
+        if spectral_radius_steps:
+            assert stats is not None
+            stats["forward"].spectral_radius = spectral_radius(fz, z_leaf, spectral_radius_steps)
 
     if grad_mode == "phantom":
-        z = z_star
-        for _ in range(phantom_steps):
-            z = (1 - phantom_damping) * z + phantom_damping * f(z, *inputs)
-        return z
+        start = z_leaf if fz is not None else z_star
+        return result(_phantom(f, start, inputs, phantom_steps, phantom_damping, fz), states)
 
-    z_leaf = z_star.detach().requires_grad_()
-    with _reusable_backward():
-        fz = f(z_leaf, *inputs)
+    assert fz is not None
     if not fz.requires_grad or not _needs_more_than(fz, z_leaf):
-        return fz.detach()
+        return result(fz.detach(), states)
+
+    autocast = autocast_state(z_leaf.device)  # as f was recorded: to re-record it the same way
 
     def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        def adjoint(y: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                (vjp,) = torch.autograd.grad(fz, z_leaf, y, retain_graph=True, allow_unused=True)
-            return grad if vjp is None else vjp + grad
-
+        options = bwd.solver_kwargs()
+        rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
+        # An f that mixes samples (forward compact=False) cannot be re-recorded on fewer rows.
+        options.setdefault("compact", bool(kwargs["compact"]))
+        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)
         # Start from dL/dz*, the first term of the Neumann series: from y = 0 a dL/dz* already
         # below an absolute tolerance would end the solve at once with a zero gradient. Samples
         # with non-finite entries start at 0 (the solver rejects a non-finite start) and are
         # flagged by the solve.
         finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
         y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
-        # The adjoint's VJPs run through the graph of f on the whole batch: never compacted.
-        options = {**bwd.solver_kwargs(), "compact": False}
+        # The solver gathers the sample indices with the rows it hands the adjoint map.
         with _reusable_backward():  # f's compiled backward may be built lazily, here
-            out = solve(adjoint, y0, method=bwd.method, **options)
+            out = solve(adjoint, y0, method=bwd.method, inputs=(adjoint.all_rows,), **options)
         sync_free = not options.get("stop_early", True)
         if stats is not None:
             stats["backward"] = SolverStats.of(out)
             stats["backward"].check_backward_divergence = sync_free
+            stats["backward"].vjp_rows = adjoint.vjp_rows
+            stats["backward"].rerecord_rows = adjoint.rerecord_rows
         if not sync_free:
             _warn_if_backward_diverged(out.status, stacklevel=3)
         return out.z
 
-    return _ImplicitGrad.apply(fz, z_leaf, backward_solve)
+    return result(_ImplicitGrad.apply(fz, z_leaf, backward_solve), states)
 
 
 class DEQ(nn.Module):
@@ -284,17 +415,27 @@ class DEQ(nn.Module):
     separately; the per-sample statistics of the last solves are kept in
     :attr:`forward_stats` and :attr:`backward_stats`.
 
+    ``jac_reg_samples=k`` (k > 0) makes every training forward pass (``self.training`` and
+    grad enabled) compute the Jacobian regularizer, kept in :attr:`jac_loss` for the loss;
+    ``spectral_radius_steps=n`` puts a spectral-radius estimate in
+    ``forward_stats.spectral_radius``; ``n_states=k`` returns a list of k states (see
+    :func:`deq_fixed_point`). z may be a tuple, list or dict of tensors.
+
     Example:
         >>> cell = MyCell(d)                      # cell(z, x) -> z
         >>> deq = DEQ(cell, forward=dict(tol=1e-4), backward=dict(tol=1e-6))
         >>> z_star = deq(x, z0=torch.zeros_like(x))
         >>> loss(z_star).backward()
+
+        >>> deq = DEQ(cell, jac_reg_samples=1)    # Jacobian regularization in training
+        >>> loss = task_loss(deq(x)) + 2.0 * deq.jac_loss.mean()
     """
 
-    def __init__(self, f: Callable[..., torch.Tensor], *, forward: SettingsLike = None,
+    def __init__(self, f: Callable[..., Any], *, forward: SettingsLike = None,
                  backward: SettingsLike = None, grad_mode: str = "implicit",
                  phantom_steps: int = 1, phantom_damping: float = 1.0,
-                 compact: bool = True) -> None:
+                 compact: bool = True, jac_reg_samples: int = 0,
+                 spectral_radius_steps: int = 0, n_states: Optional[int] = None) -> None:
         super().__init__()
         self.f = f
         self.forward_settings = _settings(forward, DEFAULT_FORWARD)
@@ -302,7 +443,13 @@ class DEQ(nn.Module):
         self.grad_mode = grad_mode
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.compact = compact
-        self._stats: dict[str, SolverStats] = {}
+        _check_count("jac_reg_samples", jac_reg_samples)
+        _check_count("spectral_radius_steps", spectral_radius_steps)
+        self.jac_reg_samples, self.spectral_radius_steps = jac_reg_samples, spectral_radius_steps
+        _check_n_states(n_states, self.forward_settings.max_iter)
+        self.n_states = n_states
+        get_solver(self.forward_settings.method), get_solver(self.backward_settings.method)
+        self._stats: dict[str, Any] = {}
 
     @property
     def forward_stats(self) -> Optional[SolverStats]:
@@ -314,11 +461,21 @@ class DEQ(nn.Module):
         """Per-sample statistics of the last backward (adjoint) solve."""
         return self._stats.get("backward")
 
+    @property
+    def jac_loss(self) -> Optional[torch.Tensor]:
+        """The last training forward pass's Jacobian regularizer: a per-sample ``(B,)`` tensor
+        estimating ``||J_f(z*)||_F^2 / D`` (:func:`deq_ext.jac_reg`), differentiable w.r.t. f's
+        parameters; add ``weight * deq.jac_loss.mean()`` to the loss. None unless
+        ``jac_reg_samples > 0`` and the pass was in training mode with grad enabled."""
+        return self._stats.get("jac_loss")
+
     # Eager under torch.compile, like the solve: traced code would pass deq_fixed_point the
     # module behind a compiled f instead of the compiled f.
     @torch.compiler.disable
-    def forward(self, *inputs: Any, z0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Solve for z* given the inputs; ``z0`` defaults to zeros shaped like the first input."""
+    def forward(self, *inputs: Any, z0: Any = None) -> Any:
+        """Solve for z* given the inputs; ``z0`` defaults to zeros shaped like the first input.
+
+        Returns z* (a tensor, or z0's structure), or with ``n_states`` a list of states."""
         if z0 is None:
             if not inputs or not isinstance(inputs[0], torch.Tensor):
                 raise ValueError("z0 is required when the first input is not a tensor shaped like z")
@@ -329,10 +486,16 @@ class DEQ(nn.Module):
         return deq_fixed_point(
             self.f, z0, *inputs, forward=self.forward_settings, backward=self.backward_settings,
             grad_mode=self.grad_mode, phantom_steps=self.phantom_steps,
-            phantom_damping=self.phantom_damping, compact=self.compact, stats=self._stats)
+            phantom_damping=self.phantom_damping, compact=self.compact, stats=self._stats,
+            jac_reg_samples=self.jac_reg_samples if self.training else 0,
+            spectral_radius_steps=self.spectral_radius_steps, n_states=self.n_states)
 
     def extra_repr(self) -> str:
         f, b = self.forward_settings, self.backward_settings
         return (f"forward=({f.method}, max_iter={f.max_iter}, tol={f.tol}, {f.stop_mode}), "
                 f"backward=({b.method}, max_iter={b.max_iter}, tol={b.tol}, {b.stop_mode}), "
-                f"grad_mode={self.grad_mode}, compact={self.compact}")
+                f"grad_mode={self.grad_mode}, compact={self.compact}"
+                + (f", jac_reg_samples={self.jac_reg_samples}" if self.jac_reg_samples else "")
+                + (f", spectral_radius_steps={self.spectral_radius_steps}"
+                   if self.spectral_radius_steps else "")
+                + (f", n_states={self.n_states}" if self.n_states is not None else ""))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -16,7 +16,8 @@ class SolverResult:
 
     Attributes:
         z: the solution, shaped and typed like ``z0``: per sample, the
-            lowest-residual iterate (default) or the last one (``return_final``).
+            lowest-residual iterate (default) or the last one (``return_final``). For a
+            structured ``z0`` (tuple, list or dict of tensors), the same structure.
         abs_residual: ``||f(z) - z||`` of the returned iterate, per sample.
         rel_residual: ``||f(z) - z|| / (||f(z)|| + 1e-9)`` of the returned iterate.
         nstep: solver steps each sample took.
@@ -28,9 +29,14 @@ class SolverResult:
         state: the solver's internal tensors, when ``return_state=True``.
         fallbacks: Anderson only: per sample, the steps whose mixing weights
             could not be solved for and fell back to a plain damped step.
+        recorded: with ``record=[k1, k2, ...]``, one entry per requested step, shaped like
+            ``z``: per sample, what the solve would have returned with ``max_iter=k``
+            (the lowest-residual iterate after k steps, or the k-th iterate with
+            ``return_final``); a sample that stopped before step k repeats its final one.
     """
 
-    z: torch.Tensor
+    # Any: a tensor, or z0's structure for a structured state (see deq_ext.states).
+    z: Any
     abs_residual: torch.Tensor
     rel_residual: torch.Tensor
     nstep: torch.Tensor
@@ -40,6 +46,7 @@ class SolverResult:
     rel_trace: Optional[torch.Tensor] = None
     state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
     fallbacks: Optional[torch.Tensor] = None
+    recorded: Optional[list[Any]] = None
 
     @property
     def converged(self) -> torch.Tensor:

@@ -6,6 +6,8 @@
     >>> out = model(next_tokens, next_targets, out.memory)    # memory carried between segments
     >>> model.set_mode("unrolled")                            # same parameters, f applied L times
 
+The image DEQ (a small multiscale DEQ classifier) is :class:`MDEQClassifier` (models/mdeq.py).
+
 See the "Models" section of the README.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 from .adaptive import TiedAdaptiveEmbedding
 from .attention import RelativeMultiHeadAttention
 from .lm import DEQLanguageModel, LMConfig, LMOutput, build_core
+from .mdeq import MDEQCell, MDEQClassifier, MDEQConfig, MDEQCore, StateLayout
 from .modes import MODES, CoreOutput, ModeConfig, SequenceCore
+from .overrides import apply_overrides
 from .presets import PRESETS, Preset, build_model, count_parameters, get_preset
 from .transformer import DEQTransformerCell, DEQTransformerCore, TransformerConfig
 from .trellisnet import DEQTrellisNetCore, TrellisNetCell, TrellisNetConfig
@@ -29,14 +33,20 @@ __all__ = [
     "DEQTrellisNetCore",
     "LMConfig",
     "LMOutput",
+    "MDEQCell",
+    "MDEQClassifier",
+    "MDEQConfig",
+    "MDEQCore",
     "ModeConfig",
     "Preset",
     "RelativeMultiHeadAttention",
     "SequenceCore",
+    "StateLayout",
     "TiedAdaptiveEmbedding",
     "TransformerConfig",
     "TrellisNetCell",
     "TrellisNetConfig",
+    "apply_overrides",
     "build_core",
     "build_model",
     "count_parameters",

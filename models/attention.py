@@ -10,6 +10,7 @@ given (the DEQ-Transformer adds its input injection to them before calling this 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -51,8 +52,11 @@ class RelativeMultiHeadAttention(nn.Module):
         self.content_bias = nn.Parameter(torch.empty(n_head, d_head).normal_(0.0, init_std))
         self.position_bias = nn.Parameter(torch.empty(n_head, d_head).normal_(0.0, init_std))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pos_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``q`` ``(B, T, H*dh)``; ``k``, ``v`` ``(B, M + T, H*dh)``; returns ``(B, T, d_model)``.
+
+        ``pos_mask`` ``(d_model,)``: a dropout mask on the channels of the positional encodings.
         """
         B, T, _ = q.shape
         K = k.shape[1]
@@ -65,7 +69,10 @@ class RelativeMultiHeadAttention(nn.Module):
         # At least float32 (half-precision sines are too coarse), float64 in a float64 model.
         enc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         distances = torch.arange(K, device=q.device, dtype=enc_dtype)
-        r = self.pos_proj(sinusoid_encoding(distances, self.d_model).to(q.dtype)).view(K, H, dh)
+        enc = sinusoid_encoding(distances, self.d_model).to(q.dtype)
+        if pos_mask is not None:
+            enc = enc * pos_mask.to(q.dtype)
+        r = self.pos_proj(enc).view(K, H, dh)
         by_distance = torch.einsum("bihd,khd->bhik", q + self.position_bias, r)
         query_pos = torch.arange(T, device=q.device)[:, None] + M
         dist = query_pos - torch.arange(K, device=q.device)[None, :]

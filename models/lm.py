@@ -3,6 +3,13 @@
 Segments of a long token stream are fed one after the other; the memory returned for one segment
 (detached history: z* and injection for the transformer, padding for the TrellisNet) is passed
 with the next.
+
+Regularizers outside the core (TrellisNet's word-level PTB recipe and the authors' DEQ code):
+dropout of whole words of the embedding table (``word_dropout``), variational dropout on the
+embeddings (``emb_dropout``) and on the core's output (``out_dropout``), and the activation
+penalties of Merity et al. (2018): AR, ``ar_alpha * mean(out^2)`` on the dropped-out output, and
+TAR, ``tar_beta * mean((h_{t+1} - h_t)^2)`` on the output before dropout. The penalties are
+returned apart from the loss (:attr:`LMOutput.penalty`): the loss stays the data's NLL.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from torch import nn
 
 from .adaptive import TiedAdaptiveEmbedding
 from .modes import Memory, ModeConfig, SequenceCore
-from .regularization import VariationalDropout
+from .regularization import VariationalDropout, apply_mask, word_dropout_mask
 from .transformer import DEQTransformerCore, TransformerConfig
 from .trellisnet import DEQTrellisNetCore, TrellisNetConfig
 
@@ -33,8 +40,14 @@ class LMConfig:
             ``d_embed`` (left None, it is filled in).
         modes: mode and solver settings of the core.
         cutoffs, div_val: adaptive embedding/softmax clusters; ``()``: a full softmax.
-        emb_dropout: variational dropout on the embeddings (one mask per sequence).
-        out_dropout: variational dropout on the decoder input.
+        emb_dropout: variational dropout on the embeddings (one mask per sequence; the
+            authors' dropouti).
+        out_dropout: variational dropout on the core's output, the decoder input (dropout).
+        word_dropout: drop whole words of the embedding table, one draw per forward pass
+            (TrellisNet's emb_dropout; AWD-LSTM's embedded_dropout).
+        ar_alpha: weight of the activation penalty mean(out^2) on the dropped-out core output.
+        tar_beta: weight of the temporal activation penalty mean((h_{t+1} - h_t)^2) on the core
+            output before dropout.
     """
 
     vocab_size: int
@@ -45,6 +58,9 @@ class LMConfig:
     div_val: int = 1
     emb_dropout: float = 0.0
     out_dropout: float = 0.0
+    word_dropout: float = 0.0
+    ar_alpha: float = 0.0
+    tar_beta: float = 0.0
 
 
 class LMOutput(NamedTuple):
@@ -54,6 +70,8 @@ class LMOutput(NamedTuple):
     nll: Optional[torch.Tensor]   # (B, T) per-token negative log-likelihood
     hidden: torch.Tensor          # (B, T, d_embed): the output layer's input
     memory: Memory                # pass with the next segment
+    # AR + TAR (a scalar; None when both are off or in eval mode): add it to the training loss.
+    penalty: Optional[torch.Tensor] = None
 
 
 def build_core(cfg: CoreConfig, modes: ModeConfig) -> SequenceCore:
@@ -98,13 +116,27 @@ class DEQLanguageModel(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 memory: Optional[Memory] = None) -> LMOutput:
         """One segment of token ids ``(B, T)``; ``targets`` ``(B, T)`` gives the loss."""
-        x = self.emb_dropout(self.embedding(tokens))
+        emb = self.embedding(tokens)
+        words = word_dropout_mask(self.cfg.word_dropout, self.cfg.vocab_size, dtype=emb.dtype,
+                                  device=emb.device, active=self.training)
+        x = self.emb_dropout(apply_mask(emb, None if words is None else words[tokens]))
         out = self.core(x, memory)
-        hidden = self.out_dropout(self.out_proj(out.features))
+        raw = self.out_proj(out.features)
+        hidden = self.out_dropout(raw)
+        penalty = self._penalty(raw, hidden) if self.training else None
         if targets is None:
-            return LMOutput(None, None, hidden, out.memory)
+            return LMOutput(None, None, hidden, out.memory, penalty)
         nll = self.embedding.nll(hidden, targets)
-        return LMOutput(nll.mean(), nll, hidden, out.memory)
+        return LMOutput(nll.mean(), nll, hidden, out.memory, penalty)
+
+    def _penalty(self, raw: torch.Tensor, dropped: torch.Tensor) -> Optional[torch.Tensor]:
+        """AR on the dropped-out output plus TAR on the raw one (None when both are off)."""
+        terms = []
+        if self.cfg.ar_alpha:
+            terms.append(self.cfg.ar_alpha * dropped.float().pow(2).mean())
+        if self.cfg.tar_beta and raw.shape[1] > 1:
+            terms.append(self.cfg.tar_beta * (raw[:, 1:] - raw[:, :-1]).float().pow(2).mean())
+        return sum(terms[1:], terms[0]) if terms else None
 
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token log-distribution ``(..., vocab_size)`` for ``hidden`` from :meth:`forward`."""

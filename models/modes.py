@@ -12,14 +12,17 @@
 between segments, dropout masks drawn once per forward pass, the mode dispatch, and subsequence
 solving (paper, Appendix E): a long segment is solved in chunks, each chunk's equilibrium (still
 attached to the graph) serving as history for the next, so the gradient of the whole segment is
-still given by Theorem 1, one chunk at a time.
+still given by Theorem 1, one chunk at a time. Which history a chunk sees is
+``ModeConfig.subseq_history``: ``'previous'`` (the authors' code, which produced the published
+numbers: the first chunk sees the memory, every later chunk only the chunk before it) or ``'all'``
+(the memory and every earlier chunk, which makes the chunked solve equal to the whole one).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union, cast
 
 import torch
 from torch import nn
@@ -27,11 +30,15 @@ from torch.utils.checkpoint import checkpoint
 
 from deq_ext import SolverSettings, SolverStats, deq_fixed_point
 
+from .regularization import Shared
+
 MODES = ("deq", "unrolled", "pretrain")
+SUBSEQ_HISTORIES = ("previous", "all")
 
 Memory = tuple[torch.Tensor, ...]
 History = tuple[torch.Tensor, ...]
-Masks = tuple[Optional[torch.Tensor], ...]
+# Per-sample masks (batched tensors) and batch-wide draws (in a Shared), or None when off.
+Masks = tuple[Union[torch.Tensor, Shared, None], ...]
 
 
 @dataclass(frozen=True)
@@ -48,9 +55,14 @@ class ModeConfig:
             inference); None: same as ``forward``.
         grad_mode, phantom_steps: passed to :func:`deq_ext.deq_fixed_point`.
         subseq_len: in ``deq`` mode, solve segments in chunks of this many positions (None: whole).
+        subseq_history: what a chunk after the first sees as history: ``'previous'`` (only the
+            chunk before it, as the authors' code does) or ``'all'`` (the memory and every
+            earlier chunk of the segment).
         compile_cell: in ``deq`` mode, the solver evaluates ``torch.compile(cell, **compile_cell)``
             (e.g. ``{"dynamic": True}``); None: the cell as it is. The solve itself is a graph
             break for torch.compile, so this is how f gets compiled in a compiled model.
+        jac_reg_samples: in ``deq`` mode and training, probes of the Jacobian regularizer per
+            solve (0: off); the estimates are read with :meth:`SequenceCore.jac_loss`.
     """
 
     mode: str = "deq"
@@ -65,7 +77,9 @@ class ModeConfig:
     grad_mode: str = "implicit"
     phantom_steps: int = 1
     subseq_len: Optional[int] = None
+    subseq_history: str = "previous"
     compile_cell: Optional[dict] = None
+    jac_reg_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +88,9 @@ class ModeConfig:
             raise ValueError("unrolled_depth and pretrain_depth must be >= 1")
         if self.subseq_len is not None and self.subseq_len < 1:
             raise ValueError(f"subseq_len must be None or >= 1, got {self.subseq_len}")
+        if self.subseq_history not in SUBSEQ_HISTORIES:
+            raise ValueError(f"subseq_history must be one of {SUBSEQ_HISTORIES}, "
+                             f"got {self.subseq_history!r}")
 
     @property
     def depth(self) -> int:
@@ -133,6 +150,17 @@ class SequenceCore(nn.Module, ABC):
     def extend_history(self, history: History, z: torch.Tensor, inj: torch.Tensor) -> History:
         """History for the next chunk of the same segment (kept attached to the graph)."""
 
+    def chunk_history(self, history: History, z: torch.Tensor, inj: torch.Tensor) -> History:
+        """History of the chunk after the one solved to ``z`` (``inj`` its injection).
+
+        ``'all'``: :meth:`extend_history` of the history so far. ``'previous'``: built from the
+        solved chunk alone, as if it had come with an empty memory.
+        """
+        if self.modes.subseq_history == "all":
+            return self.extend_history(history, z, inj)
+        empty = self.history(self.init_memory(z.shape[0], z.device))
+        return self.extend_history(empty, z, inj)
+
     @abstractmethod
     def next_memory(self, memory: Memory, x: torch.Tensor, z: torch.Tensor,
                     inj: torch.Tensor) -> Memory:
@@ -184,7 +212,7 @@ class SequenceCore(nn.Module, ABC):
             z_c = self._run(self.zero_state(B, n, x.device), (inj_c, *history, *masks))
             pieces.append(z_c)
             if start + n < T:
-                history = self.extend_history(history, z_c, inj_c)
+                history = self.chunk_history(history, z_c, inj_c)
         z = pieces[0] if len(pieces) == 1 else torch.cat(pieces, self.time_dim)
         return CoreOutput(z, self.features(z), self.next_memory(memory, x, z, inj))
 
@@ -222,7 +250,14 @@ class SequenceCore(nn.Module, ABC):
         fwd = m.forward if self.training or m.eval_forward is None else m.eval_forward
         return deq_fixed_point(self.solver_cell(), z0, *inputs, forward=fwd,
                                backward=m.backward, grad_mode=m.grad_mode,
-                               phantom_steps=m.phantom_steps, stats=stats)
+                               phantom_steps=m.phantom_steps, stats=stats,
+                               jac_reg_samples=m.jac_reg_samples if self.training else 0)
+
+    def jac_loss(self) -> Optional[torch.Tensor]:
+        """The last forward pass's Jacobian regularizer, the mean of its per-sample estimates
+        over the solved chunks; None when none was computed (off, unrolled, or eval)."""
+        losses = [cast(torch.Tensor, s["jac_loss"]).mean() for s in self.solver_stats if "jac_loss" in s]
+        return torch.stack(losses).mean() if losses else None
 
     def solver_cell(self) -> Callable[..., torch.Tensor]:
         """The f the solver evaluates: the cell, or its compiled form (``compile_cell``)."""

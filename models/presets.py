@@ -9,19 +9,33 @@ where it comes from; a number found in neither is marked as such.
 
 Parameter counts (:func:`count_parameters`, on the meta device, no memory used):
 
-==========================  ===============  ================  ============================
-preset                      total (ours)     non-emb. (ours)   paper (total / non-emb.)
-==========================  ===============  ================  ============================
-deq_transformer_small       138.6M           4.51M             138M / 4.5M   (Table 3)
-deq_transformer_medium      93.9M            68.4M             110M / 70M    (Table 3)
-deq_trellisnet_small        15.6M            11.6M             24M / 20M     (Table 2, PTB)
-deq_trellisnet_medium       158.9M           24.8M             180M / 45M    (Table 3)
-==========================  ===============  ================  ============================
+============================  ============  ===============  ==============================
+preset                        total (ours)  non-emb. (ours)  paper (total / non-emb.)
+============================  ============  ===============  ==============================
+deq_transformer_small         138.6M        4.51M            138M / 4.5M   (Table 3)
+deq_transformer_medium        96.7M         71.2M            110M / 70M    (Table 3)
+deq_transformer_medium_full   177.1M        43.0M            172M / 43M    (Table 3)
+deq_trellisnet_small          24.2M         20.2M            24M / 20M     (Table 2, PTB)
+deq_trellisnet_medium         174.2M        40.0M            180M / 45M    (Table 3)
+============================  ============  ===============  ==============================
 
-The transformer's non-embedding counts match the paper. The adaptive softmax of the medium
-transformer and both TrellisNets count fewer parameters than the paper reports with the layer
-shapes of the released scripts; we could not tell from the paper what else was counted, and invent
-nothing to close the gap.
+Every count is within 5% of the paper's except two (:data:`KNOWN_COUNT_GAPS`), where the shapes
+of the released scripts give fewer parameters than the paper reports and we invent nothing to
+close the gap: the medium transformer's total (its adaptive embedding with div_val 4 holds 25.5M,
+not the 40M that 110M - 70M implies) and the WikiText-103 TrellisNet's non-embedding size (nhid
+1500 + nout 500 gives 40.0M, not 45M; its total is within 4%).
+
+Where the paper and the authors' code differ, the presets follow the code that produced the
+published numbers and the paper's version is an option:
+
+* attention sublayer: ``LN(attn_out + z)`` (``TransformerConfig.attn_residual=True``, the code);
+  the paper's formula ``LN(attn_out)`` is ``attn_residual=False`` (the tiny test presets use it:
+  their f is then contractive and the tight test solves converge quickly);
+* subsequences: a chunk sees only the previous chunk as history (``ModeConfig.subseq_history=
+  'previous'``, the code); ``'all'`` lets it see the memory and every earlier chunk;
+* TrellisNet: h has nhid + nout channels and the output is its last nout channels, no projection;
+  the PTB regularizers of ``word_ptb.py`` (weight drop, word dropout, AR/TAR) are on; its weight
+  decay 1.2e-6 and the optimizers are in the training recipes (``configs/``).
 """
 
 from __future__ import annotations
@@ -63,16 +77,17 @@ class Preset:
 
 
 def _paper_modes(solve_len: int, forward_iter: int, backward_iter: int, unrolled_depth: int,
-                 subseq_len: Optional[int] = None) -> ModeConfig:
+                 subseq_len: Optional[int] = None, pretrain_depth: int = 2) -> ModeConfig:
     """The paper's tolerances (section 5) for subsequences of ``solve_len`` positions.
 
     Training: forward sqrt(T)*1e-5, backward sqrt(T)*1e-8 (absolute residual); inference:
-    forward sqrt(T)*1e-2.
+    forward sqrt(T)*1e-2. ``pretrain_depth``: paper, Appendix E, "a shallow weight-tied stack of
+    f (e.g., 2 layers)"; the WikiText-103 TrellisNet script warms up 40 layers.
     """
     root = math.sqrt(solve_len)
     return ModeConfig(
         unrolled_depth=unrolled_depth,
-        pretrain_depth=2,  # paper, Appendix E: "a shallow weight-tied stack of f (e.g., 2 layers)"
+        pretrain_depth=pretrain_depth,
         forward=SolverSettings(max_iter=forward_iter, tol=root * 1e-5, stop_mode="abs"),
         backward=SolverSettings(max_iter=backward_iter, tol=root * 1e-8, stop_mode="abs"),
         eval_forward=SolverSettings(max_iter=forward_iter, tol=root * 1e-2, stop_mode="abs"),
@@ -85,14 +100,32 @@ def _presets() -> dict[str, Preset]:
         Preset(
             "deq_transformer_tiny",
             LMConfig(vocab_size=64, d_embed=16, modes=tiny_modes,
+                     # The paper's formula (no residual from z): the tiny f is contractive, so
+                     # the mechanics tests' tight solves converge in a few dozen steps.
                      core=TransformerConfig(d_model=16, n_head=2, d_head=8, d_inner=32,
-                                            mem_len=8)),
+                                            mem_len=8, attn_residual=False)),
             seq_len=8, description="DEQ-Transformer for CPU tests (no paper counterpart)."),
         Preset(
             "deq_trellisnet_tiny",
             LMConfig(vocab_size=64, d_embed=16, modes=tiny_modes,
-                     core=TrellisNetConfig(d_hidden=24, kernel_size=2, dilation=1)),
+                     core=TrellisNetConfig(d_hidden=8, d_output=16, kernel_size=2, dilation=1)),
             seq_len=8, description="DEQ-TrellisNet for CPU tests (no paper counterpart)."),
+        Preset(
+            "deq_transformer_cpu",
+            LMConfig(vocab_size=PTB_VOCAB, d_embed=64,
+                     # Ours, sized for a 2-core CPU (no paper counterpart): the paper's
+                     # attention formula (attn_residual=False), whose f converges in fewer
+                     # iterations, and loose relative tolerances.
+                     core=TransformerConfig(d_model=64, n_head=2, d_head=32, d_inner=128,
+                                            mem_len=32, attn_residual=False),
+                     modes=ModeConfig(
+                         unrolled_depth=8,
+                         forward=SolverSettings(max_iter=12, tol=1e-3, stop_mode="rel"),
+                         backward=SolverSettings(max_iter=12, tol=1e-4, stop_mode="rel"),
+                         eval_forward=SolverSettings(max_iter=12, tol=1e-2, stop_mode="rel"))),
+            seq_len=32,
+            description="DEQ-Transformer for a 2-core CPU on a PTB-sized corpus in about ten "
+                        "minutes (configs/cpu_lm.json; no paper counterpart)."),
         Preset(
             "deq_transformer_small",
             LMConfig(
@@ -107,6 +140,7 @@ def _presets() -> dict[str, Preset]:
                     # non-embedding): set so that the non-embedding count is Table 3's 4.5M.
                     d_inner=2500,
                     mem_len=150,  # not in the paper: train_transformer.py's default
+                    # dropout: train_transformer.py's default 0 (no small-model script).
                 ),
                 # Table 3 compares with a weight-tied 16-layer Transformer-XL (small).
                 modes=_paper_modes(150, forward_iter=30, backward_iter=35, unrolled_depth=16)),
@@ -121,26 +155,51 @@ def _presets() -> dict[str, Preset]:
                 vocab_size=WT103_VOCAB,
                 # From run_wt103_deq_transformer.sh (not in the paper): widths, heads, the
                 # adaptive embedding with div_val 4, and train_transformer.py's WT103 cutoffs.
+                # d_inner 48000 and b_thres 40: the script's final version, the commit that
+                # released the 23.2-perplexity model (an earlier version had 46000 and 35).
                 d_embed=700, cutoffs=(20_000, 40_000, 200_000), div_val=4,
-                core=TransformerConfig(d_model=700, n_head=10, d_head=70, d_inner=46_000,
+                core=TransformerConfig(d_model=700, n_head=10, d_head=70, d_inner=48_000,
                                        mem_len=150, dropout=0.05),
+                # The script's one dropout rate also drops the word embeddings and z* (the
+                # authors' iodrop on both).
+                emb_dropout=0.05, out_dropout=0.05,
                 # Subsequences of 75 (run_wt103_deq_transformer.sh); the paper's iteration limit
                 # of 30 "on sequence length 75" (section 5); Table 4's 18-layer baseline.
-                modes=_paper_modes(75, forward_iter=30, backward_iter=35, unrolled_depth=18,
+                modes=_paper_modes(75, forward_iter=30, backward_iter=40, unrolled_depth=18,
                                    subseq_len=75)),
             seq_len=150,
             description="DEQ-Transformer (medium, adaptive embedding), WikiText-103, Table 3.",
             paper_params=110, paper_non_embedding=70),
+        Preset(
+            "deq_transformer_medium_full",
+            LMConfig(
+                vocab_size=WT103_VOCAB,
+                # Table 3's "DEQ-Transformer (medium)" without adaptive embedding (172M / 43M,
+                # also Figure 3's model). No script was released for it: the widths are
+                # train_transformer.py's defaults (d 500, 10 heads of 50), the full softmax tied
+                # to the embedding, and d_inner is set so that the non-embedding count is
+                # Table 3's 43M (not published). Dropout and solver settings as the medium.
+                d_embed=500,
+                core=TransformerConfig(d_model=500, n_head=10, d_head=50, d_inner=40_900,
+                                       mem_len=150, dropout=0.05),
+                emb_dropout=0.05, out_dropout=0.05,
+                modes=_paper_modes(75, forward_iter=30, backward_iter=40, unrolled_depth=16,
+                                   subseq_len=75)),
+            seq_len=150,
+            description="DEQ-Transformer (medium, full softmax), WikiText-103, Table 3; sizes "
+                        "fitted to the paper's counts (no script was released).",
+            paper_params=172, paper_non_embedding=43),
         Preset(
             "deq_trellisnet_small",
             # The paper names no TrellisNet sizes; "small" is its Penn Treebank model (Table 2),
             # which "follows the hyperparameters of [8]": TrellisNet's word_PTB/word_ptb.py.
             LMConfig(
                 vocab_size=PTB_VOCAB, d_embed=400,
-                # dropouth 0.28, dropouti 0.45, dropout 0.45; its word-level embedding dropout
-                # and weight dropout (DropConnect) are not implemented here.
-                core=TrellisNetConfig(d_hidden=1000, kernel_size=2, dilation=1, dropout=0.28),
-                emb_dropout=0.45, out_dropout=0.45,
+                # nhid 1000, nout 400 (h has 1400 channels), dropouth 0.28, wdrop 0.5.
+                core=TrellisNetConfig(d_hidden=1000, d_output=400, kernel_size=2, dilation=1,
+                                      dropout=0.28, weight_dropout=0.5),
+                # dropouti 0.45, dropout 0.45, emb_dropout 0.1, alpha 2, beta 1 (word_ptb.py).
+                emb_dropout=0.45, out_dropout=0.45, word_dropout=0.1, ar_alpha=2.0, tar_beta=1.0,
                 # Iteration limits: not in the paper; train_trellisnet.py's defaults (50 / 80).
                 # Table 2 compares with a 60-layer TrellisNet.
                 modes=_paper_modes(110, forward_iter=50, backward_iter=80, unrolled_depth=60)),
@@ -153,12 +212,15 @@ def _presets() -> dict[str, Preset]:
             # softmax cutoffs from train_trellisnet.py (full-width clusters, i.e. div_val 1).
             LMConfig(
                 vocab_size=WT103_VOCAB, d_embed=500, cutoffs=(2_800, 20_000, 76_000),
-                core=TrellisNetConfig(d_hidden=1500, kernel_size=2, dilation=1, dropout=0.1),
-                emb_dropout=0.1, out_dropout=0.1,
-                # f_thres = b_thres = 45 and subsequences of 50 (run_wt103_deq_trellisnet.sh);
-                # Table 3 compares with a 70-layer TrellisNet.
+                # nhid 1500, nout 500, dropouth 0.1 (the script; wdrop and emb_dropout 0).
+                core=TrellisNetConfig(d_hidden=1500, d_output=500, kernel_size=2, dilation=1,
+                                      dropout=0.1),
+                emb_dropout=0.1, out_dropout=0.1,  # dropouti, dropout
+                # f_thres = b_thres = 45 and subsequences of 50; the warm-up runs the
+                # script's n_layer 40 (run_wt103_deq_trellisnet.sh); Table 3 compares with a
+                # 70-layer TrellisNet.
                 modes=_paper_modes(50, forward_iter=45, backward_iter=45, unrolled_depth=70,
-                                   subseq_len=50)),
+                                   subseq_len=50, pretrain_depth=40)),
             seq_len=100,  # run_wt103_deq_trellisnet.sh
             description="DEQ-TrellisNet, WikiText-103, Table 3.",
             paper_params=180, paper_non_embedding=45),
@@ -167,6 +229,12 @@ def _presets() -> dict[str, Preset]:
 
 
 PRESETS: dict[str, Preset] = _presets()
+
+# (preset, "total" or "non_embedding"): counts more than 5% from the paper's (see above).
+KNOWN_COUNT_GAPS: frozenset[tuple[str, str]] = frozenset({
+    ("deq_transformer_medium", "total"),
+    ("deq_trellisnet_medium", "non_embedding"),
+})
 
 
 def get_preset(name: str) -> Preset:

@@ -1,13 +1,20 @@
 """DEQ-Transformer (paper, section 4): a weight-tied, memory-augmented self-attention layer.
 
     x~ = x W_x                                                     (input injection, once a segment)
-    f(z; x) = LN(phi(LN(SelfAttention([z_mem, z] W_QKV + [x~_mem, x~]; PE))))
+    f(z; x) = LN(phi(LN(SelfAttention([z_mem, z] W_QKV + [x~_mem, x~]; PE) + z)))
 
 with phi(h) = h + FF(h) a 2-layer position-wise feed-forward residual block, relative positional
 encoding and Transformer-XL memory: the previous segment's equilibrium z* and its injection are
-prepended as history (detached). The attention output is normalized directly, without a residual
-from z, as in the paper's formula: z then enters f only through Q, K, V, so small W_QKV
-(relative to the injection) makes f contractive at initialisation.
+prepended as history (detached).
+
+The residual ``+ z`` inside the first layer norm is the authors' code (both versions of
+locuslab/deq compute ``LN(attn_out + z)``), which produced the published numbers; the paper's
+formula omits it: ``attn_residual=False`` gives the paper's ``LN(SelfAttention(...))``, where z
+enters f only through Q, K, V.
+
+Variational dropout (one mask per forward pass, as the authors' code): on the attention output,
+the feed-forward hidden layer and output, and the positional encodings (one mask over their
+channels for the whole batch); the language model adds it on the word embeddings and on z*.
 
 ``pre_ln=True`` moves the layer norms to the inputs of the two sublayers; f's output is then not
 normalized, and :meth:`DEQTransformerCore.features` applies a final layer norm to z*, as pre-LN
@@ -25,7 +32,7 @@ from torch import nn
 
 from .attention import RelativeMultiHeadAttention
 from .modes import History, Masks, Memory, ModeConfig, SequenceCore, keep_last
-from .regularization import apply_mask, draw_mask, maybe_weight_norm
+from .regularization import Shared, apply_mask, draw_mask, maybe_weight_norm, shared_value
 
 
 @dataclass(frozen=True)
@@ -39,8 +46,11 @@ class TransformerConfig:
         d_input: width of the core's input x (the embedding); None: ``d_model``.
         mem_len: positions of history (previous segments' z* and injection) kept as memory.
         pre_ln: layer norm on the sublayer inputs instead of their outputs.
+        attn_residual: add z to the attention output before its layer norm (the authors' code,
+            default); False: the paper's formula, without that residual.
         weight_norm: weight normalization (Salimans & Kingma 2016) of every projection in f.
-        dropout: variational dropout rate on the attention output and the feed-forward hidden layer.
+        dropout: variational dropout rate on the attention output, the feed-forward hidden layer
+            and output, and the positional encodings (as the authors' code).
         init_std: std of the normal initialisation of f's weights acting on z. The paper samples
             f's parameters from N(0, 0.05); the injection W_x is drawn with std 1/sqrt(d_input)
             so that it dominates Q, K, V at initialisation.
@@ -53,6 +63,7 @@ class TransformerConfig:
     d_input: Optional[int] = None
     mem_len: int = 0
     pre_ln: bool = False
+    attn_residual: bool = True
     weight_norm: bool = True
     dropout: float = 0.0
     init_std: float = 0.05
@@ -72,18 +83,20 @@ def _linear(d_in: int, d_out: int, std: float, weight_norm: bool, bias: bool = T
 
 
 class DEQTransformerCell(nn.Module):
-    """f(z, inj, z_hist, inj_hist, attn_mask, ff_mask) -> z, with z ``(B, T, d_model)``.
+    """f(z, inj, z_hist, inj_hist, attn_mask, ff_mask, ff_out_mask, pos_mask) -> z, z ``(B, T, d)``.
 
     ``inj`` is ``(B, T, 3 * n_head * d_head)`` (added to Q, K, V); ``z_hist`` ``(B, M, d_model)``
     and ``inj_hist`` ``(B, M, 3 * n_head * d_head)`` are the history; the masks are variational
-    dropout masks ``(B, 1, d_model)`` and ``(B, 1, d_inner)`` or None. Row-independent in the
-    batch, causal in time.
+    dropout masks ``(B, 1, d_model)`` (attention output), ``(B, 1, d_inner)`` (feed-forward hidden),
+    ``(B, 1, d_model)`` (feed-forward output) and a :class:`Shared` ``(d_model,)`` (positional
+    encodings, the same for the whole batch), or None. Row-independent in the batch, causal in
+    time.
     """
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         d, width, std, wn = cfg.d_model, cfg.n_head * cfg.d_head, cfg.init_std, cfg.weight_norm
-        self.pre_ln = cfg.pre_ln
+        self.pre_ln, self.attn_residual = cfg.pre_ln, cfg.attn_residual
         self.width = width
         self.qkv = _linear(d, 3 * width, std, wn, bias=False)
         self.attn = RelativeMultiHeadAttention(d, cfg.n_head, cfg.d_head, wn, std)
@@ -92,24 +105,28 @@ class DEQTransformerCell(nn.Module):
         self.ff_out = _linear(cfg.d_inner, d, std, wn)
         self.ln_ff = nn.LayerNorm(d)
 
-    def feed_forward(self, h: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.ff_out(apply_mask(torch.relu(self.ff_in(h)), mask))
+    def feed_forward(self, h: torch.Tensor, mask: Optional[torch.Tensor],
+                     out_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return apply_mask(self.ff_out(apply_mask(torch.relu(self.ff_in(h)), mask)), out_mask)
 
     def forward(self, z: torch.Tensor, inj: torch.Tensor, z_hist: torch.Tensor,
                 inj_hist: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                ff_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                ff_mask: Optional[torch.Tensor] = None, ff_out_mask: Optional[torch.Tensor] = None,
+                pos_mask: Optional[Shared] = None) -> torch.Tensor:
         M = z_hist.shape[1]
         seq = torch.cat([z_hist, z], dim=1)
         if self.pre_ln:
             seq = self.ln_attn(seq)
         qkv = self.qkv(seq) + torch.cat([inj_hist, inj], dim=1)
         q, k, v = qkv.split(self.width, dim=-1)
-        a = apply_mask(self.attn(q[:, M:], k, v), attn_mask)
+        a = apply_mask(self.attn(q[:, M:], k, v, shared_value(pos_mask)), attn_mask)
+        if self.attn_residual:
+            a = a + z
         if self.pre_ln:
-            out = a + self.feed_forward(self.ln_ff(a), ff_mask)
+            out = a + self.feed_forward(self.ln_ff(a), ff_mask, ff_out_mask)
         else:
             h = self.ln_attn(a)
-            out = self.ln_ff(h + self.feed_forward(h, ff_mask))
+            out = self.ln_ff(h + self.feed_forward(h, ff_mask, ff_out_mask))
         # Under autocast the result may be bf16; the solver keeps z in one dtype.
         return out.to(z.dtype)
 
@@ -162,11 +179,13 @@ class DEQTransformerCore(SequenceCore):
         return keep_last(z_hist, n, 1), keep_last(inj_hist, n, 1)
 
     def draw_masks(self, batch: int, device: torch.device) -> Masks:
-        dtype, active = self.state_dtype(), self.training
-        return (draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_model), dtype=dtype,
-                          device=device, active=active),
-                draw_mask(self.cfg.dropout, (batch, 1, self.cfg.d_inner), dtype=dtype,
-                          device=device, active=active))
+        dtype, active, p, d = self.state_dtype(), self.training, self.cfg.dropout, self.cfg.d_model
+        pos = draw_mask(p, (d,), dtype=dtype, device=device, active=active)
+        return (draw_mask(p, (batch, 1, d), dtype=dtype, device=device, active=active),
+                draw_mask(p, (batch, 1, self.cfg.d_inner), dtype=dtype, device=device,
+                          active=active),
+                draw_mask(p, (batch, 1, d), dtype=dtype, device=device, active=active),
+                None if pos is None else Shared(pos))
 
     def state_shape(self, batch: int, length: int) -> tuple[int, ...]:
         return (batch, length, self.cfg.d_model)

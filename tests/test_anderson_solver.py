@@ -108,7 +108,7 @@ def test_deq_layer_gradients_agree_across_methods():
 def test_locuslab_anderson_dict_and_torchdeq_registry():
     x = torch.randn(3, 4, 5)
     out = compat.anderson(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), m=4,
-                          threshold=60, eps=1e-6, stop_mode="abs")
+                          threshold=60, eps=1e-6, stop_mode="abs", semantics="deq_ext")
     # "lowest" is the batch-level norm of the per-sample residuals (each below eps).
     assert out["result"].shape == x.shape and out["prot_break"] is False
     assert out["lowest"] < math.sqrt(3) * 1e-6 and bool(out["status"].eq(Status.CONVERGED).all())

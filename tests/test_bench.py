@@ -53,19 +53,71 @@ def test_quick_bench_runs_and_writes_json(tmp_path, capsys):
     assert "targets" in capsys.readouterr().out
 
 
-def test_problem_rates_follow_rho():
-    """W is orthogonal, so sample b's rate tracks rho_b: iterations grow with rho and the
-    slowest sample takes well over twice the fastest one's (the spread compaction exploits)."""
+@pytest.mark.parametrize("kind", ["mlp", "block"])
+def test_problem_rates_follow_rho(kind):
+    """The weights are orthogonal, so sample b's rate tracks rho_b: iterations grow with rho and
+    the slowest sample takes well over twice the fastest one's (the spread compaction exploits)."""
     cfg = resolve_config(build_parser().parse_args(
-        ["--device", "cpu", "--dtype", "float64", "--batch", "6", "--dim", "512", "--max-iter", "60"]))
+        ["--device", "cpu", "--dtype", "float64", "--batch", "6", "--dim", "512", "--max-iter", "60",
+         "--problem", kind, "--width", "64", "--hidden", "256"]))
     problem = Problem(cfg)
-    eye = torch.eye(problem.block, dtype=torch.float64)
-    torch.testing.assert_close(problem.W @ problem.W.T, eye, atol=1e-12, rtol=0)
+    if kind == "block":
+        eye = torch.eye(problem.block, dtype=torch.float64)
+        torch.testing.assert_close(problem.W @ problem.W.T, eye, atol=1e-12, rtol=0)
+    else:
+        # W1 has orthonormal rows and W1 @ W2 is orthogonal: f's linearisation at 0 is rho_b Q.
+        eye = torch.eye(problem.width, dtype=torch.float64)
+        torch.testing.assert_close(problem.W1 @ problem.W1.T, eye, atol=1e-12, rtol=0)
+        q = problem.W1 @ problem.W2
+        torch.testing.assert_close(q @ q.T, eye, atol=1e-12, rtol=0)
+        assert problem.describe()["hidden"] == 256
     res = deq_ext.solve(problem.f, problem.z0, inputs=(problem.x, problem.rho), max_iter=cfg.max_iter,
                         tol=cfg.tol, stop_mode="abs", memory=cfg.memory)
     steps = res.nstep.tolist()
     assert (problem.residual(res.z) < cfg.tol).all()
     assert steps == sorted(steps) and steps[-1] >= 2.5 * steps[0], steps
+
+
+def test_each_solver_reports_its_median_round_whole():
+    """Every figure of a row comes from one round (the median by total time), not a per-field
+    median mixing rounds, and the ratio spreads are taken round by round."""
+    from deq_ext.bench.solves import SOLVER_EXT, SOLVER_TD, ratio_spreads
+
+    runs_ext = [{"total_s": t, "f_s": f} for t, f in ((3.0, 1.0), (1.0, 0.9), (2.0, 0.1))]
+    runs_td = [{"total_s": t, "f_s": 0.5} for t in (6.0, 4.0, 5.0)]
+    from deq_ext.bench.env import median_index, spread
+    i = median_index([r["total_s"] for r in runs_ext])
+    assert runs_ext[i] == {"total_s": 2.0, "f_s": 0.1}  # not f_s 0.9, the per-field median
+    assert median_index([1.0, 4.0, 3.0, 2.0]) == 3  # the lower median of an even count
+    solves = {SOLVER_EXT: {"runs": runs_ext}, SOLVER_TD: {"runs": runs_td}}
+    sp = ratio_spreads({k: {**v, **{"runs": [{**r, "solver_s": r["total_s"] - r["f_s"]}
+                                              for r in v["runs"]]}} for k, v in solves.items()})
+    assert sp["total_speedup"] == spread([2.0, 4.0, 2.5])
+
+
+def test_busy_machine_gets_figures_but_no_verdict():
+    from deq_ext.bench.env import core_count, machine_busy
+    from deq_ext.bench.report import check_targets
+
+    cores = core_count()
+    assert machine_busy([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], threads=1) is None
+    assert "before the run" in machine_busy([cores * 0.9, 0, 0], [0.0, 0, 0], threads=1)
+    assert "after the run" in machine_busy([0.0, 0, 0], [cores * 2.0, 0, 0], threads=1)
+    ratios = {"solver_overhead_ratio": 0.1, "total_speedup": 3.0, "compaction_rows_saved": 0.5}
+    quiet = check_targets(ratios, None, torch.device("cpu"))
+    busy = check_targets(ratios, None, torch.device("cpu"), busy=True)
+    assert [t["passed"] for t in quiet if t["applies"]] == [True, True, True]
+    assert all(t["passed"] is None for t in busy)
+    assert [t["value"] for t in busy] == [t["value"] for t in quiet]
+
+
+def test_cpu_bandwidth_history_does_not_fit_in_the_cache():
+    from deq_ext.bench.env import last_level_cache_bytes
+
+    cfg = resolve_config(build_parser().parse_args(["--device", "cpu"]))
+    history = 2 * cfg.bw.batch * cfg.bw.m * cfg.bw.dim * 4
+    assert history >= 2 * last_level_cache_bytes()
+    assert cfg.bw.copy_mib * 2**20 >= history  # the copy moves as much as the history holds
 
 
 def test_masked_samples_cost_the_fused_passes_nothing():

@@ -43,13 +43,15 @@ python3 -c "import deq_ext, json; print(json.dumps(deq_ext.build_info()))" > "$o
 step tests 90 pytest.log env DEQ_EXT_EXPECT_CUDA=1 python3 -m pytest -q -p no:cacheprovider -rs \
   -m cuda --junitxml="$out/pytest.xml" tests
 step bench 50 bench.log python3 -m deq_ext.bench --device cuda --out "$out/bench-cuda.json"
+step bench_block 25 bench-block.log python3 -m deq_ext.bench --device cuda --problem block \
+  --no-bandwidth --no-sweep --out "$out/bench-cuda-solver-bound.json"
 step micro 80 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
   --micro-sizes=full --micro-budget=0.2 -k cuda --benchmark-json="$out/micro-cuda.json"
 step memory 40 memory.log python3 -m benchmarks.memory_table --device cuda \
   --out "$out/memory-table-cuda.json"
-step runtime 90 runtime.log python3 -m benchmarks.runtime_table --device cuda \
-  --out "$out/runtime-table-cuda.json"
-step compile 55 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
+step runtime 80 runtime.log python3 -m benchmarks.runtime_table --device cuda \
+  --models transformer trellisnet --out "$out/runtime-table-cuda.json"
+step compile 40 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
   --out "$out/compile-step-cuda.json"
 
 {

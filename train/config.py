@@ -24,11 +24,16 @@ class TrainConfig:
         seed: seeds the model initialisation, data order and dropout.
         steps: optimizer steps in total (pretrain steps included).
         batch_size: sequences per step and per process.
-        lr: the peak learning rate (AdamW).
-        weight_decay: AdamW's decoupled weight decay.
+        optimizer: ``adamw`` (decoupled weight decay), ``adam`` (L2 weight decay, as the
+            authors' scripts use torch.optim.Adam) or ``sgd`` (TrellisNet's PTB recipe).
+        lr: the peak learning rate.
+        weight_decay: the optimizer's weight decay.
         lr_warmup: steps of linear learning-rate warmup.
-        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear`` or ``constant`` after warmup.
+        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear``, ``constant`` or ``step``
+            (multiply by ``lr_decay`` at each step of ``lr_decay_at``) after warmup.
         min_lr_ratio: the cosine schedule's final learning rate, as a fraction of ``lr``.
+        lr_decay_at: the ``step`` schedule's milestones: comma-separated step numbers.
+        lr_decay: the ``step`` schedule's factor at each milestone.
         clip: gradient-norm clipping threshold (<= 0: off).
         pretrain_steps: the first steps run the shallow ``pretrain`` mode (paper, Appendix E),
             then the model switches to ``mode``.
@@ -51,11 +56,14 @@ class TrainConfig:
     seed: int = 0
     steps: int = 1000
     batch_size: int = 32
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     lr_warmup: int = 0
     schedule: str = "cosine"
     min_lr_ratio: float = 0.05
+    lr_decay_at: str = ""
+    lr_decay: float = 0.1
     clip: float = 1.0
     pretrain_steps: int = 0
     mode: str = "deq"
@@ -73,12 +81,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("deq", "unrolled"):
             raise ValueError(f"mode must be 'deq' or 'unrolled', got {self.mode!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
+        if self.schedule not in ("cosine", "linear", "constant", "step"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
+        if self.optimizer not in ("adamw", "adam", "sgd"):
+            raise ValueError(f"optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
+        try:
+            milestones = self.milestones
+        except ValueError:
+            raise ValueError(f"lr_decay_at must be comma-separated step numbers, got "
+                             f"{self.lr_decay_at!r}") from None
+        if any(m < 1 for m in milestones):
+            raise ValueError(f"lr_decay_at steps must be >= 1, got {self.lr_decay_at!r}")
         if self.amp not in ("auto", "on", "off"):
             raise ValueError(f"amp must be auto, on or off, got {self.amp!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+
+
+    @property
+    def milestones(self) -> tuple[int, ...]:
+        """The ``step`` schedule's milestones, parsed from ``lr_decay_at``."""
+        return tuple(int(t) for t in self.lr_decay_at.split(",") if t.strip())
 
 
 def _parse_bool(text: str) -> bool:
@@ -133,9 +156,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _is_mapping_field(tp: Any) -> bool:
+    return tp is dict or dict in getattr(tp, "__args__", ()) or \
+        any(getattr(a, "__origin__", None) is dict for a in getattr(tp, "__args__", ()))
+
+
 def parse_config(cls: type[C], argv: Optional[Sequence[str]], description: str,
-                 presets: Mapping[str, Mapping[str, Any]] = {}) -> C:
-    """Build a ``cls`` from presets, ``--config FILE`` and one flag per field (``--batch-size``)."""
+                 presets: Mapping[str, Mapping[str, Any]] = {},
+                 nested: Mapping[str, tuple[Any, str]] = {}) -> C:
+    """Build a ``cls`` from presets, ``--config FILE`` and one flag per field (``--batch-size``).
+
+    ``nested`` maps dotted names ``FIELD.a.b`` to (string parser, help): each becomes a flag
+    ``--FIELD.a.b`` whose value lands, as key ``a.b``, in the dict field ``FIELD`` (merged over
+    what the preset and the JSON file put there; in the JSON file the field is a nested object).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="JSON file of field values (names as in the flags, "
                         "with underscores)")
@@ -144,12 +178,18 @@ def parse_config(cls: type[C], argv: Optional[Sequence[str]], description: str,
     hints = get_type_hints(cls)
     docs = field_docs(cls)
     for f in fields(cls):
+        if _is_mapping_field(hints[f.name]):
+            continue  # set through its nested flags or the JSON file
         default = f"(default {f.default!r})" if f.default is not dataclasses.MISSING else ""
         text = docs.get(f.name, "").replace("%", "%%").replace("``", "")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name,
                             type=_converter(hints[f.name]), default=argparse.SUPPRESS,
                             help=f"{text} {default}".strip() or None)
+    for name, (parse, text) in nested.items():
+        parser.add_argument("--" + name, dest="nested:" + name, type=parse, metavar="VALUE",
+                            default=argparse.SUPPRESS, help=text.replace("%", "%%") or None)
     ns = vars(parser.parse_args(argv))
+    flags = {k.split(":", 1)[1]: ns.pop(k) for k in list(ns) if k.startswith("nested:")}
     values: dict[str, Any] = {}
     preset = ns.pop("preset", None)
     if preset is not None:
@@ -163,4 +203,9 @@ def parse_config(cls: type[C], argv: Optional[Sequence[str]], description: str,
             parser.error(f"unknown fields in {config_file}: {sorted(unknown)}")
         values.update(loaded)
     values.update(ns)
+    for name, value in flags.items():
+        field_name, key = name.split(".", 1)
+        merged = dict(values.get(field_name) or {})
+        merged[key] = value
+        values[field_name] = merged
     return cls(**values)

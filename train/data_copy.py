@@ -1,8 +1,9 @@
 """The copy-memory task (paper, Appendix F).
 
-An input is ``T + 20`` symbols: 10 symbols drawn uniformly from 1..8, then zeros, the delimiter 9
-at position ``T + 10``, zeros after it. The target is zero up to and including position
-``T + 10`` and then the 10 first symbols, so the model must remember them for T + 10 steps.
+An input is ``T + 20`` symbols: 10 symbols drawn uniformly from 1..8, then zeros, except the
+delimiter 9 at (1-based) position ``T + 10``, the paper's ``x_{T+10} = 9`` (0-based index
+``T + 9``). The target is zero at the 1-based positions 1..T+10 and then the 10 first symbols
+(``y_{T+11:T+20} = x_{1:10}``): the step after the delimiter recalls the first symbol.
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ def copy_memory(n: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     The result depends only on ``(n, T, seed)`` (its own generator, not the global RNG).
     """
-    if n < 0 or T < 0:
-        raise ValueError(f"n and T must be >= 0, got n={n}, T={T}")
+    if n < 0 or T < 1:
+        # T = 0 would put the delimiter on the tenth symbol (1-based position 10).
+        raise ValueError(f"n must be >= 0 and T >= 1, got n={n}, T={T}")
     gen = torch.Generator().manual_seed(seed)
     symbols = torch.randint(1, 9, (n, N_SYMBOLS), generator=gen)
     length = T + 2 * N_SYMBOLS
     x = torch.zeros(n, length, dtype=torch.long)
     y = torch.zeros(n, length, dtype=torch.long)
     x[:, :N_SYMBOLS] = symbols
-    x[:, T + N_SYMBOLS] = DELIMITER
+    x[:, T + N_SYMBOLS - 1] = DELIMITER  # 1-based position T + 10
     y[:, T + N_SYMBOLS:] = symbols
     return x, y
 

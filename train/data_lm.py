@@ -98,3 +98,11 @@ def segment(data: torch.Tensor, i: int, tgt_len: int) -> tuple[torch.Tensor, tor
     start = i * tgt_len
     length = min(tgt_len, data.shape[1] - 1 - start)
     return data[:, start:start + length], data[:, start + 1:start + 1 + length]
+
+
+def unigram_perplexity(train: torch.Tensor, test: torch.Tensor, vocab_size: int) -> float:
+    """Perplexity on ``test`` of the unigram model of ``train`` (add-one smoothed): what a model
+    that ignores the context achieves, the baseline a language model must beat."""
+    counts = torch.bincount(train, minlength=vocab_size).double() + 1.0
+    log_p = (counts / counts.sum()).log()
+    return float(torch.exp(-log_p[test].mean()))

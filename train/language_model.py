@@ -2,8 +2,11 @@
 
 DIR holds Penn Treebank (``ptb.{train,valid,test}.txt`` or ``{train,valid,test}.txt``) or
 WikiText-103 (``wiki.{train,valid,test}.tokens``). The model is a preset of :mod:`models`
-(``--model-preset``) with the vocabulary size of the corpus; training perplexity is logged, and
-validation and test perplexity at each evaluation.
+(``--model-preset``) with the vocabulary size of the corpus, and any field of its configuration
+changed with ``--model.<dotted name>`` flags or a ``"model"`` object in ``--config FILE`` (the
+recipes in ``configs/`` are such files); training perplexity is logged, and validation and test
+perplexity at each evaluation. Language models train in float32 by default (``--amp off``), as the
+authors' runs did.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from models import DEQLanguageModel, get_preset
+from models import DEQLanguageModel, LMConfig, get_preset
+from models.overrides import apply_overrides
 
 from .config import TrainConfig, parse_config
-from .data_lm import Corpus, batchify, n_segments, segment
+from .data_lm import Corpus, batchify, n_segments, segment, unigram_perplexity
 from .loop import Task, init_distributed, seed_everything, train
+from .model_options import model_options
 
 
 @dataclass
@@ -31,6 +36,11 @@ class LMRunConfig(TrainConfig):
         data: the corpus directory.
         model_preset: a :data:`models.PRESETS` name; its vocabulary size is replaced by the
             corpus's (adaptive-softmax cutoffs at or above it are dropped).
+        model: changes to the preset's configuration by dotted field name (the --model.* flags,
+            or a "model" object in the JSON file).
+        epochs: if > 0, train for this many passes over the training stream (sets steps).
+        lr_decay_epochs: the step schedule's milestones in epochs (comma-separated; sets
+            lr_decay_at).
         tgt_len: segment length in training (0: the preset's ``seq_len``).
         eval_tgt_len: segment length in evaluation (0: ``tgt_len``).
         eval_batch_size: rows of the evaluation streams.
@@ -38,6 +48,8 @@ class LMRunConfig(TrainConfig):
             evaluation always reads the whole splits).
         dropout: the core's variational dropout rate; None: the preset's.
     """
+
+    amp: str = "off"  # float32, as the authors trained (bf16's rounding floors the residual)
 
     steps: int = 20_000
     batch_size: int = 32
@@ -53,6 +65,9 @@ class LMRunConfig(TrainConfig):
     eval_batch_size: int = 10
     eval_segments: int = 0
     dropout: Optional[float] = None
+    model: Optional[dict] = None
+    epochs: int = 0
+    lr_decay_epochs: str = ""
 
 
 class LMTask(Task):
@@ -68,12 +83,7 @@ class LMTask(Task):
                  world: int) -> None:
         self.cfg, self.device = cfg, device
         preset = get_preset(cfg.model_preset)
-        vocab = len(corpus.vocab)
-        model_cfg = replace(preset.config, vocab_size=vocab,
-                            cutoffs=tuple(c for c in preset.config.cutoffs if c < vocab))
-        if cfg.dropout is not None:
-            model_cfg = replace(model_cfg, core=replace(model_cfg.core, dropout=cfg.dropout))
-        self.model = DEQLanguageModel(model_cfg)
+        self.model = DEQLanguageModel(model_config(cfg, len(corpus.vocab)))
         self.tgt_len = cfg.tgt_len or preset.seq_len
         self.eval_tgt_len = cfg.eval_tgt_len or self.tgt_len
         rows = batchify(corpus.streams["train"], cfg.batch_size * world)
@@ -90,7 +100,8 @@ class LMTask(Task):
         tokens, targets = segment(self.train_data, i, self.tgt_len)
         out = model(tokens, targets, self.memory)
         self.memory = tuple(m.detach() for m in out.memory)
-        return out.loss.float()
+        # AR/TAR, when the model has them, are part of what is minimized (and logged).
+        return out.loss.float() if out.penalty is None else out.loss.float() + out.penalty
 
     def evaluate(self, split: str, final: bool) -> dict[str, float]:
         data = self.eval_data[split]
@@ -115,12 +126,42 @@ class LMTask(Task):
         self.memory = None if memory is None else tuple(m.to(self.device) for m in memory)
 
 
+def model_config(cfg: LMRunConfig, vocab: int) -> LMConfig:
+    """The preset's configuration with the run's changes and the corpus's vocabulary size.
+
+    Adaptive-softmax cutoffs at or above the vocabulary size are dropped.
+    """
+    model_cfg = get_preset(cfg.model_preset).config
+    if cfg.dropout is not None:
+        model_cfg = replace(model_cfg, core=replace(model_cfg.core, dropout=cfg.dropout))
+    try:
+        model_cfg = apply_overrides(model_cfg, cfg.model or {})
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    return replace(model_cfg, vocab_size=vocab,
+                   cutoffs=tuple(c for c in model_cfg.cutoffs if c < vocab))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> LMRunConfig:
+    """The run's configuration from the command line (and ``--config FILE``)."""
+    return parse_config(LMRunConfig, argv, __doc__.splitlines()[0], nested=model_options())
+
+
+def apply_epochs(cfg: LMRunConfig, steps_per_epoch: int) -> None:
+    """Turn ``epochs`` and ``lr_decay_epochs`` into steps (no-op when they are unset)."""
+    if cfg.epochs > 0:
+        cfg.steps = cfg.epochs * steps_per_epoch
+    if cfg.lr_decay_epochs.strip():
+        cfg.lr_decay_at = ",".join(str(int(e) * steps_per_epoch)
+                                   for e in cfg.lr_decay_epochs.split(",") if e.strip())
+
+
 def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) -> dict[str, Any]:
     """Run from command-line arguments; returns the loop's summary (``final``: last evaluation).
 
     ``stop_at`` ends the run early at that step (with a checkpoint), as an interruption would.
     """
-    cfg = parse_config(LMRunConfig, argv, __doc__.splitlines()[0])
+    cfg = parse_args(argv)
     try:
         corpus = Corpus(cfg.data)
     except FileNotFoundError as err:
@@ -131,6 +172,7 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     rank, world, device = init_distributed(cfg.device)
     seed_everything(cfg.seed)
     task = LMTask(cfg, corpus, device, rank, world)
+    apply_epochs(cfg, task.n_train)
     if rank == 0:
         n_params = sum(p.numel() for p in task.model.parameters())
         print(f"language model: {cfg.data} vocab={len(corpus.vocab)} "
@@ -140,9 +182,13 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     # The model was built from cfg.seed on every rank; dropout masks now differ per rank.
     seed_everything(cfg.seed + rank)
     summary = train(cfg, task, rank, world, device, stop_at=stop_at)
+    # The baseline to beat: a unigram model of the training split, on the test split.
+    summary["unigram_test_ppl"] = unigram_perplexity(corpus.streams["train"],
+                                                     corpus.streams["test"], len(corpus.vocab))
     final = summary["final"]
     if rank == 0 and final:
-        print(f"final valid ppl {final['valid_ppl']:.2f}, test ppl {final['test_ppl']:.2f}, "
+        print(f"final valid ppl {final['valid_ppl']:.2f}, test ppl {final['test_ppl']:.2f} "
+              f"(unigram baseline {summary['unigram_test_ppl']:.2f}), "
               f"wall {summary['wall_s']:.1f}s", flush=True)
     return summary
 

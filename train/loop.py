@@ -1,10 +1,10 @@
 """The training loop both scripts share.
 
 A :class:`Task` supplies the model, one training batch per step and an evaluation; :func:`train`
-does the rest: seeds, device, DistributedDataParallel under ``torchrun``, AdamW, learning-rate
-warmup and schedule, the shallow pretrain warm-up followed by the DEQ (or unrolled) mode,
-gradient clipping, bf16 autocast on GPU, checkpoints with resume, a JSON-lines metrics log and a
-progress bar with the loss and the mean solver iterations.
+does the rest: seeds, device, DistributedDataParallel under ``torchrun``, the optimizer (AdamW,
+Adam or SGD), learning-rate warmup and schedule, the shallow pretrain warm-up followed by the DEQ
+(or unrolled) mode, gradient clipping, bf16 autocast on GPU, checkpoints with resume, a JSON-lines
+metrics log and a progress bar with the loss and the mean solver iterations.
 """
 
 from __future__ import annotations
@@ -110,11 +110,22 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.lr_warmup
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        return cfg.lr_decay ** sum(step >= m for m in cfg.milestones)
     done = (step - cfg.lr_warmup) / max(1, cfg.steps - cfg.lr_warmup)
     done = min(1.0, done)
     if cfg.schedule == "linear":
         return 1.0 - (1.0 - cfg.min_lr_ratio) * done
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``params``: AdamW, Adam (L2 weight decay, as the authors' scripts) or
+    plain SGD (TrellisNet's PTB recipe)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -244,7 +255,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         # targets a zero-weighted term), so no unused-parameter search is needed.
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
                                         else None)
-    opt = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, raw.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     start = 0
     main = rank == 0

@@ -12,7 +12,7 @@ from deq_ext import _extension
 from deq_ext.status import Status
 
 from .config import BandwidthSizes, Config
-from .env import copy_bandwidth, median, progress, time_calls
+from .env import copy_bandwidth, last_level_cache_bytes, median, progress, time_calls
 
 
 def _history(cfg: Config, sizes: BandwidthSizes) -> dict[str, torch.Tensor]:
@@ -146,6 +146,12 @@ def bench_bandwidth(cfg: Config) -> dict[str, Any]:
     sizes = cfg.bw
     dev = cfg.torch_device
     out: dict[str, Any] = {"sizes": asdict(sizes)}
+    history = 2 * sizes.batch * sizes.m * sizes.dim * cfg.torch_dtype.itemsize
+    out["history_bytes"] = history
+    if dev.type == "cpu":
+        # A fraction measured on a history that fits in the cache says nothing about a solve.
+        out["cache_bytes"] = last_level_cache_bytes()
+        out["history_fits_in_cache"] = history <= out["cache_bytes"]
     progress(f"bandwidth: device copy of {sizes.copy_mib} MiB")
     out["copy"] = copy_bandwidth(dev, sizes.copy_mib, max(sizes.reps, 5))
     info = deq_ext.build_info()

@@ -10,8 +10,12 @@ from typing import Optional
 
 import torch
 
+from .env import last_level_cache_bytes
+
 RHO_MIN, RHO_MAX = 0.3, 0.95  # defaults of --rho-min/--rho-max
-BLOCK = 128  # width of the block-diagonal weight of f
+BLOCK = 128  # width of the block-diagonal weight of the solver-bound f
+WIDTH, HIDDEN = 1024, 4096  # token width and hidden width of the MLP f (a transformer's 4x)
+REPEAT = 5  # interleaved timed rounds by default
 
 @dataclass(frozen=True)
 class BandwidthSizes:
@@ -30,6 +34,9 @@ class Config:
 
     device: str
     method: str
+    problem: str
+    width: int
+    hidden: int
     dtype: str
     batch: int
     dim: int
@@ -60,12 +67,20 @@ class Config:
 
 
 def _bandwidth_sizes(device: str, quick: bool) -> BandwidthSizes:
-    """Sizes from the issue on CUDA; on CPU a history that still spills out of the caches."""
+    """Sizes from the issue on CUDA; on CPU a history at least twice the last-level cache.
+
+    A history that fits in the cache would measure the cache, not the memory the passes stream
+    from in a real solve. The copy reference moves as many bytes as the history holds.
+    """
     if quick:
         return BandwidthSizes(batch=2, dim=1024, m=8, copy_mib=4, reps=5)
     if device.startswith("cuda"):
         return BandwidthSizes(batch=16, dim=150 * 700, m=30, copy_mib=256, reps=30)
-    return BandwidthSizes(batch=8, dim=32768, m=30, copy_mib=64, reps=15)
+    batch, m, elem = 16, 30, 4
+    per_dim = 2 * batch * m * elem  # U and V bytes per unit of D
+    dim = max(32768, -(-2 * last_level_cache_bytes() // per_dim))
+    dim = -(-dim // 1024) * 1024
+    return BandwidthSizes(batch=batch, dim=dim, m=m, copy_mib=-(-dim * per_dim // 2**20), reps=9)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("broyden", "anderson", "fixed_point"), default="broyden",
                    help="deq_ext method, timed against torchdeq's counterpart (broyden_solver, "
                         "anderson_solver, fixed_point_iter); the bandwidth section is Broyden's")
+    p.add_argument("--problem", choices=("mlp", "block"), default="mlp",
+                   help="f: 'mlp' a position-wise MLP whose cost is that of a DEQ layer (the "
+                        "headline), 'block' a nearly free block-diagonal tanh (solver-bound)")
+    p.add_argument("--width", type=int, default=WIDTH,
+                   help="mlp: values per token (the largest divisor of --dim up to this)")
+    p.add_argument("--hidden", type=int, default=HIDDEN, help="mlp: hidden width of the MLP")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of z and of the solver state")
     p.add_argument("--batch", type=int, default=None, help="batch size B (default 32; --quick: 4)")
@@ -99,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="history size m; torchdeq gets the same (LBFGS_thres / m) "
                         "(default: max-iter for broyden, 5 for anderson)")
     p.add_argument("--repeat", type=int, default=None,
-                   help="timed rounds, solvers interleaved in each round; medians are reported "
-                        "(default 3; --quick: 1)")
+                   help="timed rounds, solvers interleaved in each round; each solver's median "
+                        f"round is reported with the spread (default {REPEAT}; --quick: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem and bandwidth tensors")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a CI smoke run (seconds, not minutes)")
@@ -130,9 +151,12 @@ def resolve_config(ns: argparse.Namespace) -> Config:
     dim = ns.dim if ns.dim is not None else (256 if quick else 8192)
     max_iter = ns.max_iter if ns.max_iter is not None else (30 if quick else 60)
     memory = ns.memory if ns.memory is not None else (5 if ns.method == "anderson" else max_iter)
-    repeat = ns.repeat if ns.repeat is not None else (1 if quick else 3)
+    repeat = ns.repeat if ns.repeat is not None else (1 if quick else REPEAT)
+    width = 64 if quick and ns.width == WIDTH else ns.width
+    hidden = 256 if quick and ns.hidden == HIDDEN else ns.hidden
     for name, value in (("batch", batch), ("dim", dim), ("max-iter", max_iter),
-                        ("memory", memory), ("repeat", repeat)):
+                        ("memory", memory), ("repeat", repeat), ("width", width),
+                        ("hidden", hidden)):
         if value < 1:
             raise SystemExit(f"--{name} must be >= 1, got {value}")
     if not (ns.tol > 0 and math.isfinite(ns.tol)):
@@ -144,7 +168,8 @@ def resolve_config(ns: argparse.Namespace) -> Config:
         plot = str(Path(ns.out).with_suffix(".png"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available")
-    return Config(device=device, method=ns.method, dtype=ns.dtype, batch=batch, dim=dim, max_iter=max_iter,
+    return Config(device=device, method=ns.method, problem=ns.problem, width=width,
+                  hidden=hidden, dtype=ns.dtype, batch=batch, dim=dim, max_iter=max_iter,
                   tol=float(ns.tol), rho_min=ns.rho_min, rho_max=ns.rho_max, memory=memory,
                   repeat=repeat, quick=quick,
                   compact=not ns.no_compact, seed=ns.seed, torchdeq=not ns.no_torchdeq,

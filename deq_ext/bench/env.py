@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -51,6 +51,23 @@ def progress(msg: str) -> None:
 def median(values: list[float]) -> float:
     """The median, NaN for no values."""
     return float(statistics.median(values)) if values else math.nan
+
+
+def median_index(values: list[float]) -> int:
+    """Index of the median value (the lower one of an even count): picks the median *run*, so
+    that every figure reported for it comes from one and the same run."""
+    if not values:
+        raise ValueError("median_index of no values")
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order[(len(values) - 1) // 2]
+
+
+def spread(values: Sequence[Optional[float]]) -> dict[str, Any]:
+    """Median, min, max and the count of ``values`` (NaN-free; None entries are dropped)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    return {"median": median(vals), "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
 def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
@@ -105,6 +122,56 @@ def load_average() -> Optional[list[float]]:
         return None
 
 
+# Load above these marks means other work shared the machine (see machine_busy).
+BUSY_LOAD_START = 0.5  # 1-minute load per core before the run
+BUSY_LOAD_EXTRA = 0.5  # 1-minute load per core after the run, beyond the run's own threads
+
+
+def core_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def machine_busy(start: Optional[list[float]], end: Optional[list[float]],
+                 threads: Optional[int] = None) -> Optional[str]:
+    """Why the machine was too busy for a verdict, or None when it was quiet (or unknown).
+
+    Before the run the 1-minute load should be near zero; after it, near the run's own thread
+    count (the run itself loads the machine). Either mark exceeded means other processes shared
+    the cores and a timing ratio may be off by more than the effect it measures.
+    """
+    cores = core_count()
+    threads = torch.get_num_threads() if threads is None else threads
+    reasons = []
+    if start and start[0] > BUSY_LOAD_START * cores:
+        reasons.append(f"1-minute load {start[0]} before the run on {cores} cores "
+                       f"(> {BUSY_LOAD_START * cores:g})")
+    limit = min(threads, cores) + BUSY_LOAD_EXTRA * cores
+    if end and end[0] > limit:
+        reasons.append(f"1-minute load {end[0]} after the run (> {limit:g}: its {threads} "
+                       f"threads plus {BUSY_LOAD_EXTRA:g} per core)")
+    return "; ".join(reasons) or None
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    best = 0
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in root.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or 32 * 2**20
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo, or what platform knows."""
     try:
@@ -121,11 +188,7 @@ def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model with its core and torch thread counts."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 0
-    return f"{cpu_name()} ({cores} cores, {torch.get_num_threads()} torch threads)"
+    return f"{cpu_name()} ({core_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def versions() -> dict[str, Any]:

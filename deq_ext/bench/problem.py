@@ -1,4 +1,15 @@
-"""The benchmark problem: a contractive f whose samples converge at very different rates."""
+"""The benchmark problems: a contractive f whose samples converge at very different rates.
+
+Two problems share the per-sample contraction factor ``rho_b`` (spread over the batch) and differ
+in what one evaluation of f costs:
+
+* ``mlp`` (the default, the headline): a position-wise two-layer MLP over tokens of ``width``
+  values, hidden ``hidden``, like a transformer's feed-forward sublayer. f costs what a DEQ layer
+  costs relative to the solver (at the default sizes about half of torchdeq's solve time or more),
+  which is what a user of the solver meets.
+* ``block`` ("solver-bound", a secondary row): ``tanh`` of a block-diagonal orthogonal matmul.
+  f is nearly free, so the figure isolates the solver's own cost; it flatters a faster solver.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +21,21 @@ import torch
 from .config import BLOCK, Config
 from .env import sync
 
+PROBLEMS = {
+    "mlp": "rho_b * tanh(tokens(z) @ W1) @ W2 + x_b, tokens of `width` values, hidden `hidden`; "
+           "W1 with orthonormal rows, W2 = W1^T Q with Q orthogonal",
+    "block": "rho_b * tanh(reshape(z, (B, D/block, block)) @ W) + x_b, W orthogonal "
+             "(solver-bound: f nearly free)",
+}
+
+
+def _largest_divisor(dim: int, limit: int) -> int:
+    return max(d for d in range(1, min(dim, limit) + 1) if dim % d == 0)
+
 
 def _block_size(dim: int) -> int:
     """Width of W: the largest divisor of dim up to BLOCK; dense W for awkward small dims."""
-    block = max(d for d in range(1, min(dim, BLOCK) + 1) if dim % d == 0)
+    block = _largest_divisor(dim, BLOCK)
     if block < 16 and dim <= 4096:
         return dim  # a dense (D, D) W keeps f mixing for small awkward D
     return block
@@ -21,37 +43,62 @@ def _block_size(dim: int) -> int:
 
 def _orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
     """A random orthogonal (n, n) matrix in float64 (QR of a Gaussian, signs fixed by R's diagonal)."""
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return _orthonormal_columns(n, n, gen)
+
+
+def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A random (rows, cols) float64 matrix with orthonormal columns (rows >= cols)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))
 
 
 class Problem:
-    """``f(z) = rho_b * tanh(z_blocks @ W) + x_b`` with W orthogonal.
+    """``f(z) = rho_b * g(z) + x_b`` with g 1-Lipschitz and, near 0, of modulus-1 eigenvalues.
 
-    tanh is 1-Lipschitz and W has spectral norm 1, so sample b is a
-    contraction with factor at most rho_b: the samples converge at very
-    different rates, which is what separates per-sample stopping from
-    whole-batch stopping. W is orthogonal rather than a Gaussian scaled to
-    norm 1 because then every eigenvalue of W has modulus 1 and the rate
-    really tracks rho_b (a scaled Gaussian's eigenvalues fill a disk of about
-    half its norm, which squeezed the iteration counts into a factor of two).
+    tanh is 1-Lipschitz and every weight has spectral norm 1, so sample b is a contraction with
+    factor at most rho_b: the samples converge at very different rates, which is what separates
+    per-sample stopping from whole-batch stopping. The weights are orthogonal (not Gaussians
+    scaled to norm 1) so that the linearisation's eigenvalues have modulus 1 and each sample's
+    rate really tracks rho_b (a scaled Gaussian's eigenvalues fill a disk of about half its
+    norm, which squeezed the iteration counts into a factor of two). For ``mlp``, W2 = W1^T Q
+    makes the linearisation at 0 exactly rho_b Q.
     """
 
     def __init__(self, cfg: Config) -> None:
         gen = torch.Generator().manual_seed(cfg.seed)
         dev, dt = cfg.torch_device, cfg.torch_dtype
         B, D = cfg.batch, cfg.dim
-        self.block = _block_size(D)
-        self.W = _orthogonal(self.block, gen).to(device=dev, dtype=dt)
+        self.kind = cfg.problem
+        if self.kind == "block":
+            self.block = _block_size(D)
+            self.W = _orthogonal(self.block, gen).to(device=dev, dtype=dt)
+        elif self.kind == "mlp":
+            self.width = _largest_divisor(D, cfg.width)
+            self.hidden = max(cfg.hidden, self.width)
+            w1 = _orthonormal_columns(self.hidden, self.width, gen).T  # (width, hidden)
+            q = _orthogonal(self.width, gen)
+            self.W1 = w1.contiguous().to(device=dev, dtype=dt)
+            self.W2 = (w1.T @ q).contiguous().to(device=dev, dtype=dt)  # (hidden, width)
+        else:
+            raise ValueError(f"unknown problem {self.kind!r}; expected one of {sorted(PROBLEMS)}")
         self.x = torch.randn(B, D, generator=gen, dtype=torch.float64).to(device=dev, dtype=dt)
         self.rho = torch.linspace(cfg.rho_min, cfg.rho_max, B, dtype=torch.float64).to(device=dev, dtype=dt)
         self.z0 = torch.zeros(B, D, device=dev, dtype=dt)
 
+    def describe(self) -> dict[str, object]:
+        """What f is, for the results record."""
+        sizes = ({"block": self.block} if self.kind == "block"
+                 else {"width": self.width, "hidden": self.hidden})
+        return {"kind": self.kind, "f": PROBLEMS[self.kind], **sizes}
+
     def f(self, z: torch.Tensor, x: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
         """f on any subset of rows (x, rho are that subset's rows)."""
         n = z.shape[0]
-        y = torch.tanh(z.reshape(n, -1, self.block) @ self.W).reshape(n, -1)
-        return rho[:, None] * y + x
+        if self.kind == "block":
+            y = torch.tanh(z.reshape(n, -1, self.block) @ self.W)
+        else:
+            y = torch.tanh(z.reshape(n, -1, self.width) @ self.W1) @ self.W2
+        return rho[:, None] * y.reshape(n, -1) + x
 
     def f_batch(self, z: torch.Tensor) -> torch.Tensor:
         """f on the whole batch (closes over the inputs, as torchdeq's f must)."""
@@ -83,4 +130,3 @@ class TimedF:
         self.calls += 1
         self.rows += int(z.shape[0])
         return out
-

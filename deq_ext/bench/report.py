@@ -32,8 +32,9 @@ TARGETS = (
 
 
 def check_targets(ratios: dict[str, Optional[float]], bandwidth: Optional[dict[str, Any]],
-                  device: torch.device) -> list[dict[str, Any]]:
-    """Every target with its measured value; ``passed`` is None when it could not be measured."""
+                  device: torch.device, busy: bool = False) -> list[dict[str, Any]]:
+    """Every target with its measured value; ``passed`` is None when it could not be measured,
+    or for every target when the machine was ``busy`` (no verdict from a disturbed run)."""
     values: dict[str, Optional[float]] = {
         "solver_overhead_ratio": ratios.get("solver_overhead_ratio"),
         "total_speedup": ratios.get("total_speedup"),
@@ -44,7 +45,8 @@ def check_targets(ratios: dict[str, Optional[float]], bandwidth: Optional[dict[s
     checks = []
     for t in TARGETS:
         v = values[t.name]
-        passed = None if v is None else (v <= t.threshold if t.op == "<=" else v >= t.threshold)
+        passed = None if v is None or busy else (
+            v <= t.threshold if t.op == "<=" else v >= t.threshold)
         checks.append({"name": t.name, "description": t.description, "value": v, "op": t.op,
                        "threshold": t.threshold, "devices": list(t.devices),
                        "applies": device.type in t.devices, "passed": passed})
@@ -61,6 +63,22 @@ def targets_met(checks: list[dict[str, Any]]) -> Optional[bool]:
 
 def _fmt(v: Optional[float], spec: str = ".3f") -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _range(sp: Optional[dict[str, Any]]) -> str:
+    if not sp or sp.get("min") is None:
+        return "-"
+    return f"{sp['min']:.3f}..{sp['max']:.3f}"
+
+
+def _bracket(sp: Optional[dict[str, Any]]) -> str:
+    return "" if not sp or sp.get("min") is None else f"[{sp['min']:.2f}..{sp['max']:.2f}]"
+
+
+def _problem_sizes(problem: dict[str, Any]) -> str:
+    if problem["kind"] == "block":
+        return f"W {problem['block']}x{problem['block']}"
+    return f"width {problem['width']}, hidden {problem['hidden']}"
 
 
 def _active_fraction_lines(section: Optional[dict[str, Any]]) -> list[str]:
@@ -87,19 +105,21 @@ def format_table(results: dict[str, Any]) -> str:
         f"torch {results['versions']['torch']} (cuda {results['versions']['torch_cuda']}), "
         f"deq_ext {results['versions']['deq_ext']}, torchdeq {results['versions']['torchdeq']}; "
         f"load average at start {results.get('load_average_start')}",
-        f"problem: B={cfg['batch']} D={cfg['dim']} {cfg['dtype']} on {cfg['device']}, "
-        f"f = rho_b*tanh(z@W)+x_b (W {results['problem']['block']}x{results['problem']['block']}, "
-        f"orthogonal), rho {cfg['rho_min']}..{cfg['rho_max']}",
+        f"problem '{results['problem']['kind']}': B={cfg['batch']} D={cfg['dim']} {cfg['dtype']} on "
+        f"{cfg['device']}, f = {results['problem']['f']} ({_problem_sizes(results['problem'])}), "
+        f"rho {cfg['rho_min']}..{cfg['rho_max']}",
         f"solve: {cfg['method']} max_iter={cfg['max_iter']} tol={cfg['tol']:g} (abs) memory={cfg['memory']} "
-        f"compact={cfg['compact']}; medians of {cfg['repeat']} interleaved round(s) after one warm-up",
+        f"compact={cfg['compact']}; each solver's median of {cfg['repeat']} interleaved round(s) "
+        "after one warm-up, with the min..max of its total",
         "",
     ]
-    head = (f"{'solver':<24}{'total s':>9}{'f s':>9}{'solver s':>10}{'f calls':>9}"
+    head = (f"{'solver':<24}{'total s':>9}{'min..max':>14}{'f s':>9}{'solver s':>10}{'f calls':>9}"
             f"{'f rows':>8}{'nstep mean/max':>16}{'converged':>11}{'max |f(z)-z|':>14}")
     lines += [head, "-" * len(head)]
     for name, s in results["solves"].items():
         lines.append(
-            f"{name:<24}{s['total_s']:>9.3f}{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
+            f"{name:<24}{s['total_s']:>9.3f}{_range(s.get('total_s_spread')):>14}"
+            f"{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
             f"{s['f_calls']:>9.0f}{s['f_rows']:>8.0f}"
             f"{s['nstep_mean']:>10.1f}/{s['nstep_max']:<5.0f}"
             f"{int(s['converged']):>6d}/{cfg['batch']:<4d}{s['max_abs_residual']:>14.2e}")
@@ -122,10 +142,14 @@ def format_table(results: dict[str, Any]) -> str:
                      f"({td['ops']})")
     lines += _active_fraction_lines(results.get("active_fraction"))
     r = results["ratios"]
-    lines += ["", "ratios vs torchdeq (same run)"]
+    sp = results.get("ratio_spreads") or {}
+    lines += ["", "ratios vs torchdeq (same run; per-round min..max in brackets)"]
     rows = [
-        ("deq_ext solver overhead (solver s / torchdeq's)", r.get("solver_overhead_ratio")),
-        ("deq_ext total speedup (torchdeq total / deq_ext's)", r.get("total_speedup")),
+        ("f share of torchdeq's solve time", r.get("torchdeq_f_share")),
+        (f"deq_ext solver overhead (solver s / torchdeq's) {_bracket(sp.get('solver_overhead_ratio'))}",
+         r.get("solver_overhead_ratio")),
+        (f"deq_ext total speedup (torchdeq total / deq_ext's) {_bracket(sp.get('total_speedup'))}",
+         r.get("total_speedup")),
         ("deq_ext f calls / torchdeq's", r.get("f_calls_ratio")),
         ("deq_ext f rows / torchdeq's", r.get("f_rows_ratio")),
         ("deq_ext f rows saved by compaction (vs no compact)", r.get("compaction_rows_saved")),
@@ -137,8 +161,11 @@ def format_table(results: dict[str, Any]) -> str:
         ("reference twin f rows / torchdeq's", r.get("reference_f_rows_ratio")),
         ("fused step speedup (torchdeq-style step / fused)", (bw or {}).get("step_speedup")),
     ]
-    lines += [f"  {label:<60}{_fmt(v):>8}" for label, v in rows if label.startswith("deq") or v is not None]
+    lines += [f"  {label:<72}{_fmt(v):>8}" for label, v in rows
+              if label.startswith("deq") or v is not None]
     lines += ["", "targets"]
+    if results.get("busy"):
+        lines.append(f"  WARNING: the machine was busy ({results['busy']}); no verdicts")
     for t in results["targets"]:
         verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
         scope = "" if t["applies"] else f"  (informational: a target on {'/'.join(t['devices'])} only)"

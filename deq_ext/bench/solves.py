@@ -10,7 +10,7 @@ import torch
 import deq_ext
 
 from .config import Config
-from .env import median, progress, ratio, sync
+from .env import median_index, progress, ratio, spread, sync
 from .problem import Problem, TimedF
 
 SOLVER_EXT = "deq_ext"
@@ -115,7 +115,11 @@ def solve_once(runner: Runner, problem: Problem, cfg: Config) -> dict[str, float
 
 
 def bench_solvers(cfg: Config, problem: Problem) -> dict[str, dict[str, Any]]:
-    """Warm up every solver once, then run ``repeat`` interleaved rounds; medians per figure."""
+    """Warm up every solver once, then run ``repeat`` interleaved rounds.
+
+    Each solver reports its median round (by total time) whole, so that every figure in a row
+    comes from one run, with the spread of its total time over the rounds and every round kept.
+    """
     solvers = select_solvers(cfg)
     for name, runner in solvers.items():
         progress(f"warm-up {name}")
@@ -128,8 +132,20 @@ def bench_solvers(cfg: Config, problem: Problem) -> dict[str, dict[str, Any]]:
             progress(f"round {r + 1}/{cfg.repeat} {name:<18} total {fig['total_s']:.3f} s, "
                      f"f {fig['f_s']:.3f} s, {fig['f_calls']} calls, "
                      f"{fig['converged']}/{cfg.batch} converged")
-    return {name: {**{k: median([run[k] for run in rs]) for k in rs[0]}, "runs": rs}
-            for name, rs in runs.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in runs.items():
+        i = median_index([run["total_s"] for run in rs])
+        out[name] = {**rs[i], "median_round": i,
+                     "total_s_spread": spread([run["total_s"] for run in rs]), "runs": rs}
+    return out
+
+
+def _per_round(solves: dict[str, dict[str, Any]], num: str, den: str,
+               key: str) -> dict[str, Any]:
+    """The spread over rounds of ``solves[num][key] / solves[den][key]``, round by round (the
+    solvers of one round ran back to back, so their ratio shares the machine's state)."""
+    pairs = zip(solves[num]["runs"], solves[den]["runs"])
+    return spread([ratio(a[key], b[key]) for a, b in pairs])
 
 
 def solver_ratios(solves: dict[str, dict[str, Any]]) -> dict[str, Optional[float]]:
@@ -146,6 +162,8 @@ def solver_ratios(solves: dict[str, dict[str, Any]]) -> dict[str, Optional[float
         out[prefix + "f_calls_ratio"] = ratio(mine["f_calls"], get("f_calls"))
         out[prefix + "f_rows_ratio"] = ratio(mine["f_rows"], get("f_rows"))
         out[prefix + "f_time_ratio"] = ratio(mine["f_s"], get("f_s"))
+    if td:
+        out["torchdeq_f_share"] = ratio(td["f_s"], td["total_s"])
     for key, name in (("check_every_4_speedup", SOLVER_CHECK4), ("no_sync_speedup", SOLVER_NOSYNC)):
         if name in solves:
             out[key] = ratio(solves[SOLVER_EXT]["total_s"], solves[name]["total_s"])
@@ -154,5 +172,16 @@ def solver_ratios(solves: dict[str, dict[str, Any]]) -> dict[str, Optional[float
         kept = ratio(solves[SOLVER_EXT]["f_rows"], full["f_rows"])
         out["compaction_rows_saved"] = None if kept is None else 1 - kept
         out["compaction_total_speedup"] = ratio(full["total_s"], solves[SOLVER_EXT]["total_s"])
+    return out
+
+
+def ratio_spreads(solves: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-round spreads of the ratios that have targets or headline rows."""
+    out: dict[str, dict[str, Any]] = {}
+    if SOLVER_TD in solves:
+        out["total_speedup"] = _per_round(solves, SOLVER_TD, SOLVER_EXT, "total_s")
+        out["solver_overhead_ratio"] = _per_round(solves, SOLVER_EXT, SOLVER_TD, "solver_s")
+    if SOLVER_FULL in solves:
+        out["compaction_total_speedup"] = _per_round(solves, SOLVER_FULL, SOLVER_EXT, "total_s")
     return out
 

@@ -15,6 +15,7 @@ neither changes the results.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Optional
@@ -97,6 +98,7 @@ class SolveOptions:
     check_every: int = 1
     return_state: bool = False
     use_reference: bool = False
+    record: Optional[tuple] = None
 
     @classmethod
     def of(cls, method: str, f, z0: torch.Tensor, options: dict) -> "SolveOptions":
@@ -110,10 +112,29 @@ class SolveOptions:
         validate_common(f, z0, opts.max_iter, opts.tol, opts.stop_mode, opts.stall_patience,
                         opts.diverge_ratio)
         validate_positive_int("check_every", opts.check_every)
+        record = _checked_record(opts.record, opts.max_iter)
         # Compaction by default only with inputs: an f that closes over batched tensors
         # cannot be handed a subset of the rows.
-        return replace(opts, inputs=tuple(opts.inputs),
+        return replace(opts, inputs=tuple(opts.inputs), record=record,
                        compact=bool(opts.inputs) if opts.compact is None else opts.compact)
+
+
+def _checked_record(record, max_iter: int) -> Optional[tuple]:
+    """``record`` as a tuple of step numbers in [0, max_iter] (ValueError/TypeError otherwise)."""
+    if record is None:
+        return None
+    if isinstance(record, (str, bytes)) or not hasattr(record, "__iter__"):
+        raise TypeError(f"record must be a list of step numbers, got {type(record).__name__}")
+    steps = []
+    for k in record:
+        try:  # Python and NumPy integers, not floats or bools
+            step = operator.index(k) if not isinstance(k, bool) else None
+        except TypeError:
+            step = None
+        if step is None or not 0 <= step <= max_iter:
+            raise ValueError(f"record must hold integer steps in [0, max_iter={max_iter}], got {k!r}")
+        steps.append(step)
+    return tuple(steps)
 
 
 class MaskedSolve:
@@ -147,6 +168,10 @@ class MaskedSolve:
         self.nstep, self.nfev, self.stall = (self.full(0, torch.int64) for _ in range(3))
         self.abs_trace: list[torch.Tensor] = []
         self.rel_trace: list[torch.Tensor] = []
+        # record=[k, ...]: copies of the iterate the solve would return after step k, only those.
+        self.return_final = opts.return_final
+        self.record_steps = opts.record or ()
+        self.snapshots: dict[int, torch.Tensor] = {}
 
     def zeros(self, *shape: int) -> torch.Tensor:
         """A zeroed per-sample state tensor ``(B, *shape)`` of the state dtype."""
@@ -203,6 +228,14 @@ class MaskedSolve:
             return None
         return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
 
+    def narrow(self, rows: Optional[torch.Tensor]) -> None:
+        """Tell an f that defines ``on_compact(rows)`` that every later call, until the next
+        one, gets a subset of ``rows`` (the active samples at this read; None: no compaction).
+        The layer's adjoint uses it to re-record f's graph on fewer rows."""
+        hook = getattr(self.f, "on_compact", None)
+        if rows is not None and hook is not None:
+            hook(rows)
+
     def record(self, fz: torch.Tensor, count_step: bool) -> None:
         self.ops.residual_status_(
             fz, self.z, self.g, self.dg, self.z_best, self.best_abs, self.best_rel,
@@ -240,9 +273,15 @@ class MaskedSolve:
         n_pending, n_active = torch.stack([self.pending().sum(), active.sum()]).tolist()
         return int(n_pending), int(n_active)
 
+    def snapshot(self, step: int) -> None:
+        """Keep the iterate the solve would return now, if ``record`` asks for ``step``."""
+        if step in self.record_steps:
+            self.snapshots[step] = (self.z if self.return_final else self.z_best).clone()
+
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
         self.record(self.evaluate(self.z), count_step=False)
+        self.snapshot(0)
         rows = None
         for it in range(self.max_iter):
             if self.stop_early and it % self.check_every == 0:
@@ -252,9 +291,11 @@ class MaskedSolve:
                 # Until the next read, samples that finish stay among the rows: f is evaluated
                 # on their frozen z and the masked ops ignore the result.
                 rows = self.rows_of(self.status == Status.ACTIVE, n_active)
+                self.narrow(rows)
             self.step()
             fz = self.after_evaluation(self.evaluate(self.z, rows))
             self.record(fz, count_step=True)
+            self.snapshot(it + 1)
         self.finish()
 
     def final_status(self) -> torch.Tensor:
@@ -284,7 +325,14 @@ class MaskedSolve:
             nstep=self.nstep, nfev=self.nfev, status=self.status,
             abs_trace=torch.stack(self.abs_trace, 1) if self.trace else None,
             rel_trace=torch.stack(self.rel_trace, 1) if self.trace else None,
-            state=self.state_tensors() if return_state else None)
+            state=self.state_tensors() if return_state else None,
+            recorded=self.recorded(z) if self.record_steps else None)
+
+    def recorded(self, final: torch.Tensor) -> list[torch.Tensor]:
+        """The requested snapshots as z0-shaped tensors; steps never reached (every sample had
+        stopped) are the final iterate, which frozen samples would have repeated."""
+        return [self.snapshots.get(k, final).view(self.shape).to(self.dtype, copy=True)
+                for k in self.record_steps]
 
 
 # The data-dependent loop is a deliberate graph break for torch.compile: it runs eagerly
@@ -299,7 +347,7 @@ def run_solve(solve_cls, f: Func, z0: torch.Tensor, opts: SolveOptions,
     """
     with torch.no_grad():
         if z0.shape[0] == 0 or z0.numel() == 0:
-            return _empty_result(z0, opts.trace)
+            return _empty_result(z0, opts.trace, opts.record)
         if opts.stop_early and not bool(torch.isfinite(z0).all()):
             raise ValueError("z0 contains NaN or inf values")
         solve = solve_cls(f, z0, opts, **method_options)
@@ -319,7 +367,7 @@ def workspace_bytes(solve_cls, z0: torch.Tensor, opts: SolveOptions,
             "B": solve.B, "D": solve.D}
 
 
-def _empty_result(z0: torch.Tensor, trace: bool) -> SolverResult:
+def _empty_result(z0: torch.Tensor, trace: bool, record: Optional[tuple]) -> SolverResult:
     """Result for a batch with no samples (or no elements per sample): nothing to solve."""
     B = z0.shape[0]
     sdt = torch.float64 if z0.dtype == torch.float64 else torch.float32
@@ -329,4 +377,5 @@ def _empty_result(z0: torch.Tensor, trace: bool) -> SolverResult:
     return SolverResult(z=z0.detach().clone(), abs_residual=zeros, rel_residual=zeros.clone(),
                         nstep=ints, nfev=ints.clone(),
                         status=torch.full_like(ints, int(Status.CONVERGED)),
-                        abs_trace=empty_trace, rel_trace=empty_trace)
+                        abs_trace=empty_trace, rel_trace=empty_trace,
+                        recorded=None if record is None else [z0.detach().clone() for _ in record])

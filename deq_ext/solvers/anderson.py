@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ..result import SolverResult
+from ..states import solves_structured_states
 from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive, validate_positive_int
 
 
@@ -47,6 +48,7 @@ class _AndersonSolve(MaskedSolve):
         return res
 
 
+@solves_structured_states
 def anderson(
     f: Func,
     z0: torch.Tensor,
@@ -61,7 +63,7 @@ def anderson(
     ``f``, ``z0`` and the ``options`` every method takes (``inputs``, ``compact``,
     ``max_iter``, ``tol``, ``stop_mode``, ``per_sample``, ``return_final``,
     ``stall_patience``, ``diverge_ratio``, ``trace``, ``stop_early``, ``check_every``,
-    ``return_state``, ``use_reference``) mean what they mean for :func:`deq_ext.broyden`.
+    ``return_state``, ``use_reference``, ``record``) mean what they mean for :func:`deq_ext.broyden`.
     Specific to Anderson:
 
     Args:

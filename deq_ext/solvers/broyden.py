@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..result import SolverResult
+from ..states import solves_structured_states
 from ..status import NUM_SCALARS, Status
 from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive_int, workspace_bytes
 
@@ -87,6 +88,7 @@ class _BroydenSolve(MaskedSolve):
         return {**super().state_tensors(), **{n: getattr(self, n) for n in names}}
 
 
+@solves_structured_states
 def broyden(
     f: Func,
     z0: torch.Tensor,
@@ -98,7 +100,7 @@ def broyden(
 ) -> SolverResult:
     """Solve ``z = f(z)`` for every sample of a batch with limited-memory Broyden.
 
-    The options from ``inputs`` to ``use_reference`` are those of every method
+    The options from ``inputs`` to ``record`` are those of every method
     (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``line_search`` and
     ``ls_max_iter`` are Broyden's own.
 
@@ -108,7 +110,10 @@ def broyden(
             on its own row of z and of the batched inputs. It is called under
             ``torch.no_grad()`` and must not modify its input in place.
         z0: initial guess, batched on dim 0: ``(B, ...)``. float16/bfloat16
-            iterates are accepted; the solver state is then kept in float32.
+            iterates are accepted; the solver state is then kept in float32. A tuple,
+            list or dict of such tensors (one dtype and device, e.g. the resolutions of
+            a multiscale model) is solved as one flat state per sample; f then gets and
+            returns that structure (:mod:`deq_ext.states`).
         inputs: extra arguments of f. A tensor whose dim 0 has size B is
             batched: with compaction f gets its rows of the active samples, also
             inside lists, tuples and dicts. Anything else (non-tensors, tensors
@@ -125,7 +130,9 @@ def broyden(
         stop_mode: ``'abs'`` for ``||f(z)-z||``, ``'rel'`` for
             ``||f(z)-z|| / (||f(z)|| + 1e-9)``.
         memory: number of rank-1 pairs kept (history size m, a ring buffer);
-            defaults to ``max_iter``.
+            defaults to ``max_iter`` (the whole history). A smaller ring bounds the
+            memory but can stall or diverge on hard solves:
+            ``python -m benchmarks.history_size`` measures it.
         per_sample: stop each sample as soon as it converges (default). With
             False every sample iterates until all have converged, as torchdeq does.
         return_final: return the last iterate instead of the lowest-residual one.
@@ -151,6 +158,11 @@ def broyden(
             rows between two reads (and the length of the traces) do.
         return_state: attach the internal tensors to the result (for debugging/tests).
         use_reference: run the pure-PyTorch reference ops instead of the extension.
+        record: a list of step numbers ``k`` (0 <= k <= max_iter); ``result.recorded``
+            then holds, per entry, each sample's iterate after k steps: exactly what the
+            same solve with ``max_iter=k`` returns (the lowest-residual iterate so far,
+            or the k-th iterate with ``return_final``). A sample that stopped earlier
+            repeats its final iterate. Only these copies are kept, never the trajectory.
 
     Returns:
         A :class:`~deq_ext.result.SolverResult`.

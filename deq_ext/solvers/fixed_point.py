@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..result import SolverResult
+from ..states import solves_structured_states
 from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive
 
 
@@ -19,6 +20,7 @@ class _FixedPointSolve(MaskedSolve):
         self.ops.fixed_point_step_(self.z, self.g, self.status, self.tau)
 
 
+@solves_structured_states
 def fixed_point(
     f: Func,
     z0: torch.Tensor,

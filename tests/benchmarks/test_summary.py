@@ -21,7 +21,8 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
              "applies": False, "passed": False}]})
     _write(tmp_path / "b-memory.json", {
         "command": "python -m benchmarks.memory_table", "device": "cpu0",
-        "models": {"transformer": {"targets": {"share": 0.05, "limit": 0.12, "pass": True}}}})
+        "models": {"transformer": {"targets": {"depth": 16, "share": 0.05, "limit": 0.12,
+                                               "pass": True, "share_saved_bytes": 0.02}}}})
     def micro(op, impl, axis, conv, median, frac):
         return {"stats": {"median": median}, "extra_info": {
             "op": op, "impl": impl, "device": "cpu", "axis": axis, "converged_fraction": conv,
@@ -39,7 +40,11 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
     assert ok
     assert any("total_speedup" in ln and "2.500" in ln and ln.endswith("PASS") for ln in lines)
     assert not any("fused_bandwidth_fraction" in ln for ln in lines), "a target for another device"
-    assert any("transformer DEQ memory / 60-layer" in ln and "0.050" in ln for ln in lines)
+    assert any("transformer DEQ peak memory / 16-layer" in ln and "0.050" in ln
+               and ln.endswith("PASS") for ln in lines)
+    assert any("saved bytes only (secondary)" in ln and "0.020" in ln for ln in lines)
+    # A bench record without a problem kind is the solver-bound f of earlier versions.
+    assert any("total_speedup [solver-bound f" in ln for ln in lines)
     assert any("broyden_iteration (cpu): fraction of copy" in ln and "0.600" in ln for ln in lines)
     assert any("(cpu, 0 converged): torchdeq / deq_ext" in ln and "1.500" in ln for ln in lines)
     assert any("(cpu, 0.875 converged): torchdeq / deq_ext" in ln and "6.000" in ln for ln in lines)
@@ -55,3 +60,17 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "trellisnet DEQ / deep, infer" in out and "FAIL" in out
     assert "trellisnet f rows saved by compaction, infer" in out and "0.250" in out
+
+
+def test_a_busy_bench_run_gets_no_verdict_and_names_its_workload(tmp_path):
+    _write(tmp_path / "busy.json", {
+        "command": "python -m deq_ext.bench", "device": "cpu0", "busy": "load 3.1",
+        "problem": {"kind": "mlp"}, "config": {"repeat": 5},
+        "ratio_spreads": {"total_speedup": {"median": 2.1, "min": 1.9, "max": 2.3, "n": 5}},
+        "targets": [{"name": "total_speedup", "value": 2.1, "op": ">=", "threshold": 2.0,
+                     "applies": True, "passed": None}]})
+    text, ok = summarize([str(tmp_path)])
+    assert ok
+    assert "machine busy, no verdicts: load 3.1" in text
+    line = next(ln for ln in text.splitlines() if "total_speedup" in ln)
+    assert "[mlp f; 5 rounds 1.90..2.30]" in line and not line.rstrip().endswith("PASS")

@@ -31,21 +31,23 @@ TIGHT64 = dict(forward=SolverSettings(max_iter=100, tol=1e-11, stop_mode="rel"),
                backward=SolverSettings(max_iter=100, tol=1e-11, stop_mode="rel"))
 
 
-def tiny_config(kind: str, dropout: float = 0.0, lm: dict | None = None, **modes) -> LMConfig:
-    """The tiny preset of ``kind`` with core dropout, LMConfig changes and ModeConfig changes."""
+def tiny_config(kind: str, dropout: float = 0.0, lm: dict | None = None,
+                core: dict | None = None, **modes) -> LMConfig:
+    """The tiny preset of ``kind`` with core dropout, LMConfig, core and ModeConfig changes."""
     name = "deq_trellisnet_tiny" if kind == "trellisnet" else "deq_transformer_tiny"
     cfg = get_preset(name).config
-    core = replace(cfg.core, dropout=dropout)
+    core_cfg = replace(cfg.core, dropout=dropout, **(core or {}))
     if kind == "transformer_preln":
-        core = replace(core, pre_ln=True)
-    return replace(cfg, core=core, modes=replace(cfg.modes, **modes), **(lm or {}))
+        core_cfg = replace(core_cfg, pre_ln=True)
+    return replace(cfg, core=core_cfg, modes=replace(cfg.modes, **modes), **(lm or {}))
 
 
 def tiny_model(kind: str, device: torch.device | str = "cpu", seed: int = 0,
                dropout: float = 0.0, lm: dict | None = None, dtype: torch.dtype = torch.float32,
-               **modes) -> DEQLanguageModel:
+               core: dict | None = None, **modes) -> DEQLanguageModel:
     torch.manual_seed(seed)
-    return DEQLanguageModel(tiny_config(kind, dropout, lm, **modes)).to(device=device, dtype=dtype)
+    return DEQLanguageModel(tiny_config(kind, dropout, lm, core, **modes)).to(device=device,
+                                                                            dtype=dtype)
 
 
 def tokens(batch: int, length: int, device: torch.device | str = "cpu", seed: int = 1,

@@ -6,21 +6,31 @@ import pytest
 import torch
 
 from deq_ext import SolverSettings
+from models.regularization import Shared
 
 from .helpers import tiny_model, tokens
 
-N_MASKS = {"transformer": 2, "trellisnet": 1}
+# f's trailing inputs that are dropout draws: (per-sample masks, batch-wide draws in a Shared).
+# Transformer: attention output, FF hidden, FF output | positional encodings.
+# TrellisNet: h | the DropConnect-ed convolution weight.
+N_MASKS = {"transformer": (3, 1), "trellisnet": (1, 1)}
+CORE = {"transformer": {}, "trellisnet": {"weight_dropout": 0.5}}
 
 
-def _record_calls(model, kind: str) -> list[tuple[torch.Tensor, list]]:
-    """Spy on f: every call's injection rows (they identify the samples) and dropout masks."""
+def _record_calls(model, kind: str) -> list[tuple[torch.Tensor, list, list]]:
+    """Spy on f: every call's injection rows (they identify the samples), its per-sample masks
+    and its batch-wide draws."""
     calls = []
     cell = model.core.cell
     forward = cell.forward
-    n = N_MASKS[kind]
+    n_rows, n_shared = N_MASKS[kind]
 
     def spy(z, inj, *rest):
-        calls.append((inj.detach().clone(), [None if m is None else m.clone() for m in rest[-n:]]))
+        draws = rest[-(n_rows + n_shared):]
+        rows = [None if m is None else m.clone() for m in draws[:n_rows]]
+        shared = [None if s is None else s.value.detach().clone() for s in draws[n_rows:]]
+        assert all(s is None or isinstance(s, Shared) for s in draws[n_rows:])
+        calls.append((inj.detach().clone(), rows, shared))
         return forward(z, inj, *rest)
 
     cell.forward = spy
@@ -30,7 +40,7 @@ def _record_calls(model, kind: str) -> list[tuple[torch.Tensor, list]]:
 @pytest.mark.parametrize("mode", ["deq", "unrolled"])
 @pytest.mark.parametrize("kind", ["transformer", "trellisnet"])
 def test_masks_are_fixed_across_iterations_and_redrawn_between_forwards(kind, mode):
-    model = tiny_model(kind, dropout=0.5, mode=mode,
+    model = tiny_model(kind, dropout=0.5, mode=mode, core=CORE[kind],
                        forward=SolverSettings(max_iter=20, tol=1e-6, stop_mode="rel")).train()
     calls = _record_calls(model, kind)
     seq = tokens(3, 6)
@@ -42,21 +52,29 @@ def test_masks_are_fixed_across_iterations_and_redrawn_between_forwards(kind, mo
         second = list(calls)
     assert len(first) > 3, "f should have been applied several times"
     for calls_of_one_forward in (first, second):
-        full_inj, reference = calls_of_one_forward[0]
-        assert full_inj.shape[0] == 3 and all(m is not None for m in reference)
-        for inj, masks in calls_of_one_forward[1:]:
+        full_inj, reference, shared_ref = calls_of_one_forward[0]
+        assert full_inj.shape[0] == 3 and all(m is not None for m in reference + shared_ref)
+        for inj, masks, shared in calls_of_one_forward[1:]:
             # Match each row to its sample by its injection (compaction may drop finished rows).
             rows = [int((full_inj == r).flatten(1).all(1).nonzero()) for r in inj]
             for m, ref in zip(masks, reference):
                 assert torch.equal(m, ref[rows])
-    assert any(not torch.equal(a, b) for a, b in zip(first[0][1], second[0][1])), \
-        "a new forward pass should draw new masks"
-    assert any((m == 0).any() for m in first[0][1]), "p = 0.5 should drop something"
+            for s, ref in zip(shared, shared_ref):  # never gathered: the whole batch's draw
+                assert torch.equal(s, ref)
+    for a, b in zip(first[0][1] + first[0][2], second[0][1] + second[0][2]):
+        assert not torch.equal(a, b), "a new forward pass should draw new masks"
+    assert all((m == 0).any() for m in first[0][1] + first[0][2]), "p = 0.5 should drop something"
 
 
-def test_no_masks_in_eval_mode():
-    model = tiny_model("transformer", dropout=0.5).eval()
-    calls = _record_calls(model, "transformer")
+@pytest.mark.parametrize("kind", ["transformer", "trellisnet"])
+def test_no_masks_in_eval_mode(kind):
+    model = tiny_model(kind, dropout=0.5, core=CORE[kind]).eval()
+    calls = _record_calls(model, kind)
     with torch.no_grad():
         model(tokens(2, 5))
-    assert calls and all(m is None for _, masks in calls for m in masks)
+    assert calls and all(m is None for _, masks, _ in calls for m in masks)
+    if kind == "transformer":
+        assert all(s is None for _, _, shared in calls for s in shared)
+    else:  # the weight is the module's own, undropped
+        w = model.core.cell.conv.weight.detach()
+        assert all(torch.equal(s, w) for _, _, shared in calls for s in shared)

@@ -40,7 +40,9 @@ def test_subsequence_solve_matches_the_whole_sequence_values_and_gradients(kind)
     seq, tgt = tokens(2, 10, seed=11), tokens(2, 10, seed=12)
     results = []
     for subseq_len in (None, 4):
-        model = tiny_model(kind, dtype=torch.float64, subseq_len=subseq_len, **TIGHT64)
+        # 'all': every chunk sees everything before it, so the chunked solve is the whole one.
+        model = tiny_model(kind, dtype=torch.float64, subseq_len=subseq_len,
+                           subseq_history="all", **TIGHT64)
         out = model(seq, tgt)
         out.loss.backward()
         results.append((out.hidden.detach(), grads(model), len(model.core.solver_stats)))
@@ -50,6 +52,28 @@ def test_subsequence_solve_matches_the_whole_sequence_values_and_gradients(kind)
     assert g_sub.keys() == g_whole.keys()
     for name in g_whole:
         torch.testing.assert_close(g_sub[name], g_whole[name], atol=1e-8, rtol=1e-6, msg=name)
+
+
+def test_a_later_chunk_sees_only_the_previous_chunk_by_default():
+    """The authors' subsequence history: chunk 2 is solved as a segment whose memory is chunk 1
+    alone (not the segment's memory, not chunk 0)."""
+    model = tiny_model("transformer", dtype=torch.float64, subseq_len=4, **TIGHT64).eval()
+    assert model.core.modes.subseq_history == "previous"
+    core = model.core
+    with torch.no_grad():
+        memory = model(tokens(2, 6, seed=31)).memory
+        x = model.embedding(tokens(2, 12, seed=32))
+        chunked = core(x, memory).state
+        core.set_mode("deq", subseq_len=None)
+        z1 = core(x[:, 4:8], (chunked[:, :4], core.inject(x[:, :4], memory))).state
+        z2 = core(x[:, 8:], (z1, core.inject(x[:, 4:8], memory))).state
+        core.set_mode("deq", subseq_len=4, subseq_history="all")
+        seeing_all = core(x, memory).state
+    # Chunk 0 sees the segment's memory either way.
+    torch.testing.assert_close(chunked[:, :4], seeing_all[:, :4], atol=1e-8, rtol=0)
+    torch.testing.assert_close(chunked[:, 4:8], z1, atol=1e-8, rtol=0)
+    torch.testing.assert_close(chunked[:, 8:], z2, atol=1e-8, rtol=0)
+    assert (chunked[:, 4:] - seeing_all[:, 4:]).abs().max() > 1e-4, "the history should matter"
 
 
 @pytest.mark.parametrize("kind", ["transformer", "trellisnet"])

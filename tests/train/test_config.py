@@ -34,7 +34,11 @@ def test_bad_values_raise() -> None:
     with pytest.raises(ValueError):
         TrainConfig(mode="pretrain")
     with pytest.raises(ValueError):
-        TrainConfig(schedule="step")
+        TrainConfig(schedule="exponential")
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="lr_decay_at"):
+        TrainConfig(lr_decay_at="0,5")
 
 
 def test_schedule_warmup_then_cosine() -> None:
@@ -62,6 +66,9 @@ def test_every_option_has_a_help_text(script: str, capsys) -> None:
         module.main(["--help"])
     help_text = capsys.readouterr().out
     for f in fields(cls):
+        if f.name == "model" and script.endswith("language_model"):
+            assert "--model.core.d_inner" in help_text  # a dict field: one flag per entry
+            continue
         flag = "--" + f.name.replace("_", "-")
         assert flag in help_text
         # The description's first words appear in the help (argparse rewraps the text).

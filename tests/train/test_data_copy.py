@@ -9,7 +9,7 @@ import torch
 
 from train.data_copy import DELIMITER, baseline_losses, copy_memory, copy_memory_splits
 
-CASES = [(1, 0, 0), (7, 1, 3), (50, 20, 11), (33, 57, 5), (4, 400, 9)]
+CASES = [(1, 1, 0), (7, 1, 3), (50, 20, 11), (33, 57, 5), (4, 400, 9)]
 
 
 @pytest.mark.parametrize("n,T,seed", CASES)
@@ -17,16 +17,18 @@ def test_inputs_follow_the_definition(n: int, T: int, seed: int) -> None:
     x, _ = copy_memory(n, T, seed)
     assert x.shape == (n, T + 20) and x.dtype == torch.long
     assert ((x[:, :10] >= 1) & (x[:, :10] <= 8)).all()
-    assert (x[:, 10:T + 10] == 0).all()
-    assert (x[:, T + 10] == DELIMITER).all()
-    assert (x[:, T + 11:] == 0).all()
+    # 1-based: x_{11..T+9} = 0, x_{T+10} = 9 (the paper's delimiter), x_{T+11..T+20} = 0.
+    assert (x[:, 10:T + 9] == 0).all()
+    assert (x[:, T + 9] == DELIMITER).all()
+    assert (x[:, T + 10:] == 0).all()
+    assert (x == DELIMITER).sum() == n
 
 
 @pytest.mark.parametrize("n,T,seed", CASES)
 def test_targets_follow_the_definition(n: int, T: int, seed: int) -> None:
     x, y = copy_memory(n, T, seed)
     assert y.shape == x.shape
-    assert (y[:, :T + 10] == 0).all()             # zero up to and including the delimiter step
+    assert (y[:, :T + 10] == 0).all()             # y_{1..T+10} = 0 (the delimiter's step too)
     assert torch.equal(y[:, T + 10:], x[:, :10])  # then the first 10 symbols, in order
     assert ((y >= 0) & (y <= 8)).all()            # 10-way classification, 9 never a target
 
@@ -55,7 +57,7 @@ def test_paper_split_sizes_and_distinct_test_set() -> None:
     assert not torch.equal(splits["train"][0][:2000], splits["test"][0])
 
 
-@pytest.mark.parametrize("T", [0, 20, 400])
+@pytest.mark.parametrize("T", [1, 20, 400])
 def test_baselines_are_the_entropies_of_the_targets(T: int) -> None:
     _, y = copy_memory(3000, T, 1)
     freq = torch.bincount(y.flatten(), minlength=10).double() / y.numel()
@@ -68,3 +70,5 @@ def test_baselines_are_the_entropies_of_the_targets(T: int) -> None:
 def test_bad_sizes_raise() -> None:
     with pytest.raises(ValueError):
         copy_memory(-1, 5, 0)
+    with pytest.raises(ValueError, match="T >= 1"):
+        copy_memory(3, 0, 0)
