@@ -81,17 +81,17 @@ def test_problem_rates_follow_rho(kind):
 def test_each_solver_reports_its_median_round_whole():
     """Every figure of a row comes from one round (the median by total time), not a per-field
     median mixing rounds, and the ratio spreads are taken round by round."""
+    from deq_ext.bench.env import median_index, spread
     from deq_ext.bench.solves import SOLVER_EXT, SOLVER_TD, ratio_spreads
 
-    runs_ext = [{"total_s": t, "f_s": f} for t, f in ((3.0, 1.0), (1.0, 0.9), (2.0, 0.1))]
-    runs_td = [{"total_s": t, "f_s": 0.5} for t in (6.0, 4.0, 5.0)]
-    from deq_ext.bench.env import median_index, spread
-    i = median_index([r["total_s"] for r in runs_ext])
-    assert runs_ext[i] == {"total_s": 2.0, "f_s": 0.1}  # not f_s 0.9, the per-field median
+    def runs(rounds):
+        return {"runs": [{"total_s": t, "f_s": f, "solver_s": t - f} for t, f in rounds]}
+
+    ext = [(3.0, 1.0), (1.0, 0.9), (2.0, 0.1)]
+    i = median_index([t for t, _ in ext])
+    assert ext[i] == (2.0, 0.1)  # its f_s 0.1, not the per-field median 0.9
     assert median_index([1.0, 4.0, 3.0, 2.0]) == 3  # the lower median of an even count
-    solves = {SOLVER_EXT: {"runs": runs_ext}, SOLVER_TD: {"runs": runs_td}}
-    sp = ratio_spreads({k: {**v, **{"runs": [{**r, "solver_s": r["total_s"] - r["f_s"]}
-                                              for r in v["runs"]]}} for k, v in solves.items()})
+    sp = ratio_spreads({SOLVER_EXT: runs(ext), SOLVER_TD: runs([(6.0, 0.5), (4.0, 0.5), (5.0, 0.5)])})
     assert sp["total_speedup"] == spread([2.0, 4.0, 2.5])
 
 
