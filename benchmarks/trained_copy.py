@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -35,13 +35,14 @@ def load(run_dir: str = DEFAULT_DIR, quick: bool = False) -> dict[str, Any]:
     from train import copy_memory
 
     path = os.path.join(run_dir, "last.pt")
-    trained_now = False
-    if not _finished(path):
+    ckpt = _checkpoint(path)
+    trained_now = ckpt is None or int(ckpt["step"]) < int(ckpt["config"]["steps"])
+    if trained_now:
         progress(f"training the copy-memory model into {run_dir} (python -m train.copy_memory "
                  f"{' '.join(train_args(run_dir, quick))})")
         copy_memory.main(train_args(run_dir, quick))
-        trained_now = True
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = _checkpoint(path)
+    assert ckpt is not None, f"training wrote no checkpoint to {path}"
     known = {f.name for f in fields(copy_memory.CopyConfig)}
     cfg = copy_memory.CopyConfig(**{k: v for k, v in ckpt["config"].items() if k in known})
     model = copy_memory.CopyModel(cfg)
@@ -53,8 +54,8 @@ def load(run_dir: str = DEFAULT_DIR, quick: bool = False) -> dict[str, Any]:
             "train_command": "python -m train.copy_memory " + " ".join(train_args(run_dir, quick))}
 
 
-def _finished(path: str) -> bool:
+def _checkpoint(path: str) -> Optional[dict[str, Any]]:
+    """The run's last checkpoint, or None when there is none yet."""
     if not os.path.exists(path):
-        return False
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return int(ckpt.get("step", -1)) >= int(ckpt.get("config", {}).get("steps", 1 << 62))
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
