@@ -272,8 +272,8 @@ def anderson_weights(gram: torch.Tensor, newest: int, lam: float) -> tuple[torch
     """Mixing weights of one sample from its (n, n) Gram matrix (see anderson_math.h).
 
     ``alpha = a / sum(a)`` with ``(K + lam * s I) a = 1``, s the smallest positive
-    diagonal entry of K; on a failed
-    factorisation or non-finite weights: the newest entry alone, and ok False.
+    diagonal entry of K; on a failed factorisation (a pivot within rounding error of
+    zero, see anderson_math.h) or non-finite weights: the newest entry alone, and ok False.
     """
     K = gram.to(torch.float64)
     n = K.shape[0]
@@ -285,7 +285,10 @@ def anderson_weights(gram: torch.Tensor, newest: int, lam: float) -> tuple[torch
     positive = diag[diag > 0]
     ridge = lam * (float(positive.min()) if positive.numel() else 1.0)
     L, info = torch.linalg.cholesky_ex(K + ridge * torch.eye(n, dtype=torch.float64, device=K.device))
-    if int(info) != 0 or not bool(torch.isfinite(L).all()):
+    # Breakdown: a pivot (L_jj squared) within the elimination's rounding error of its
+    # diagonal entry, 8 n u (K_jj + ridge): the sign of that error differs between devices.
+    tiny_pivot = L.diagonal() ** 2 <= 8 * n * torch.finfo(torch.float64).eps * (diag + ridge)
+    if int(info) != 0 or not bool(torch.isfinite(L).all()) or bool(tiny_pivot.any()):
         return fallback, False
     a = torch.cholesky_solve(torch.ones(n, 1, dtype=torch.float64, device=K.device), L).flatten()
     total = a.sum()

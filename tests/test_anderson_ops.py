@@ -92,6 +92,37 @@ def test_singular_gram_falls_back_and_is_flagged(ext, device):
     torch.testing.assert_close(st["alpha"], torch.full((B, m), 1 / m, dtype=torch.float64, device=device))
 
 
+def test_pivot_within_rounding_error_falls_back(ext, device):
+    """A nearly rank-one Gram matrix whose last pivot is tiny but positive must fall back.
+
+    K = [[1, 1], [1, 1 + 2^-50]] leaves a pivot of 2^-50 = 4u, inside the elimination's
+    rounding error: an exact solve here is as arbitrary as one whose rounding made the pivot
+    negative (which GPUs and CPUs decide differently), so every device treats it as singular.
+    """
+    B, m, D = 3, 2, 6
+    st = anderson_state(B, m, D, torch.float64, device, seed=3)
+    st["status"].zero_()
+    st["nhist"].fill_(m)
+    st["fallback"].zero_()
+    gram = torch.ones(B, m, m, dtype=torch.float64)
+    gram[:, 1, 1] = 1 + 2.0 ** -50
+    st["gram"] = gram.clone().to(device)
+    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
+    ext.anderson_mix_(*(st[a] for a in args), 1.0, 0.0)
+    expected_alpha = torch.zeros(B, m, dtype=torch.float64, device=device)
+    expected_alpha[:, (m - 1) % m] = 1
+    assert torch.equal(st["alpha"], expected_alpha)
+    assert torch.equal(st["fallback"], torch.ones(B, dtype=torch.int64, device=device))
+    # A pivot well above the rounding error (2^-30) is a genuine, solvable system.
+    st["gram"][:, 1, 1] = 1 + 2.0 ** -30
+    st["fallback"].zero_()
+    ext.anderson_mix_(*(st[a] for a in args), 1.0, 0.0)
+    assert int(st["fallback"].sum()) == 0
+    # The pure-PyTorch twin draws the same line.
+    assert not reference.anderson_weights(gram[0], m - 1, 0.0)[1]
+    assert reference.anderson_weights(st["gram"][0].cpu(), m - 1, 0.0)[1]
+
+
 def test_non_finite_gram_falls_back(ext, device):
     B, m, D = 2, 4, 5
     st = anderson_state(B, m, D, torch.float64, device, seed=2)

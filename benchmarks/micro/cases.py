@@ -205,10 +205,12 @@ class _Inputs:
 
     def status(self) -> torch.Tensor:
         """ACTIVE, except a seeded random choice of the converged fraction."""
-        st = torch.zeros(self.p.batch, dtype=torch.int64)
-        done = torch.randperm(self.p.batch, generator=self.gen)[: self.p.batch - self.p.active]
-        st[done] = int(Status.CONVERGED)
-        return st.to(self.p.torch_device)
+        dev = self.p.torch_device
+        st = torch.zeros(self.p.batch, dtype=torch.int64, device=dev)
+        # The permutation on the generator's device: a CUDA generator cannot draw on the host.
+        done = torch.randperm(self.p.batch, generator=self.gen, device=dev)
+        st[done[: self.p.batch - self.p.active]] = int(Status.CONVERGED)
+        return st
 
 
 def residual_state(inp: _Inputs) -> dict[str, torch.Tensor]:

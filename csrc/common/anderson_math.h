@@ -13,9 +13,12 @@ namespace deq_ext {
 // term they are alpha = a / sum(a), where (K + lam * s I) a = 1 and s is the
 // smallest positive diagonal entry of K (so lam is relative to the residuals' scale).
 // K is SPD plus ridge, so a Cholesky factorisation is used. When it breaks
-// down (a non-positive pivot), or the weights are not finite, the weights fall
+// down, or the weights are not finite, the weights fall
 // back to the newest residual alone (a plain damped fixed-point step) and the
-// function returns false so the caller can flag the sample.
+// function returns false so the caller can flag the sample. Breakdown is a pivot at
+// or below 8 n u times its diagonal entry (u the unit roundoff): the rounding error of
+// the elimination. A plain "pivot <= 0" test would decide a singular K by the sign of
+// that error, which differs between hosts and GPUs (fused multiply-adds).
 //
 // gram: K with leading dimension ld (row i at gram + i * ld); work: n * n
 // scratch; alpha: n outputs.
@@ -34,9 +37,10 @@ DEQ_HD bool anderson_weights(const acc_t* gram, int64_t ld, int64_t n, int64_t n
   const acc_t ridge = static_cast<acc_t>(lam) * (scale > acc_t(0) ? scale : acc_t(1));
   // Cholesky: work holds L (lower triangle) of K + ridge I.
   for (int64_t j = 0; ok && j < n; ++j) {
-    acc_t d = gram[j * ld + j] + ridge;
+    const acc_t diag = gram[j * ld + j] + ridge;
+    acc_t d = diag;
     for (int64_t k = 0; k < j; ++k) d -= work[j * n + k] * work[j * n + k];
-    if (!(d > acc_t(0)) || !is_finite(d)) {
+    if (!(d > acc_t(8 * n) * unit_roundoff<acc_t>() * diag) || !is_finite(d)) {
       ok = false;
       break;
     }

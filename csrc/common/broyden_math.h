@@ -52,6 +52,13 @@ DEQ_HD float smallest_normal<float>() { return 1.17549435e-38f; }
 template <>
 DEQ_HD double smallest_normal<double>() { return 2.2250738585072014e-308; }
 
+template <typename T>
+DEQ_HD T unit_roundoff();
+template <>
+DEQ_HD float unit_roundoff<float>() { return 1.1920929e-07f; }
+template <>
+DEQ_HD double unit_roundoff<double>() { return 2.220446049250313e-16; }
+
 // Number of stored pairs and the ring slot the next pair goes to.
 DEQ_HD int64_t stored_pairs(int64_t npairs, int64_t m) { return npairs < m ? npairs : m; }
 DEQ_HD int64_t next_slot(int64_t npairs, int64_t m) { return npairs % m; }
