@@ -3,7 +3,8 @@
 ``python -m benchmarks.summary PATH [PATH ...]`` reads JSON results (files, or every ``*.json`` in
 a folder) and prints, for each, the figures the issues set targets on, with PASS/FAIL. A file's
 kind is told by its content: the ``command`` it records (``python -m deq_ext.bench``,
-``python -m benchmarks.memory_table``, ``python -m benchmarks.runtime_table``) or, for
+``python -m benchmarks.memory_table``, ``python -m benchmarks.runtime_table``,
+``python -m benchmarks.training_step``, ``python -m benchmarks.history_precision``) or, for
 pytest-benchmark output (the microbenchmarks), its ``benchmarks`` list. Files of other kinds are
 listed as skipped.
 """
@@ -88,6 +89,48 @@ def runtime_lines(res: dict[str, Any]) -> Iterator[Line]:
             yield (f"{kind} f rows saved by compaction, {phase}", saved, "", None)
 
 
+def training_step_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Training step: torchdeq's DEQ / deq_ext's per workload (with the per-repeat spread), and
+    the f rows torchdeq evaluated per deq_ext row as a secondary line."""
+    if res.get("busy"):
+        yield (f"machine busy, no verdicts: {res['busy']}", None, "", None)
+    for name, w in res["workloads"].items():
+        t = w.get("target")
+        yield (f"{name} training step, torchdeq / deq_ext{_range(w, 'ratio_spread')}",
+               w["ratio_torchdeq_over_deq_ext"], f">= {t['limit']:g}" if t else "",
+               t["pass"] if t else None)
+        yield (f"{name} f rows per step, torchdeq / deq_ext",
+               w["rows_ratio_torchdeq_over_deq_ext"]["f_rows"], "", None)
+
+
+def _ratio(num: float, den: float) -> Optional[float]:
+    return num / den if den else None
+
+
+def history_precision_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Half-precision history: per case and narrow dtype, samples converged against the
+    state-dtype history's and the mean steps ratio; the passes' and the solve's speedups."""
+    if res.get("machine_busy"):
+        yield (f"machine busy, timings without conclusions: {res['machine_busy']}", None, "",
+               None)
+    for case in res["cases"]:
+        rows = {r["history"]: r for r in case["rows"]}
+        full = rows["state"]
+        for name in ("bfloat16", "float16"):
+            r = rows[name]
+            yield (f"{case['case']}, {name} history: converged {r['converged']}/{r['batch']} "
+                   f"(state dtype {full['converged']}); mean steps / state dtype's",
+                   _ratio(r["nstep_mean"], full["nstep_mean"]), "", None)
+    timing = res.get("timing")
+    if timing:
+        for name in ("bfloat16", "float16"):
+            spread = _range(timing["speedup"], f"passes_{name}_spread")
+            yield (f"{name} history: fused passes speedup{spread}",
+                   timing["speedup"][f"passes_{name}"], "", None)
+            yield (f"{name} history: MLP-f solve speedup", timing["speedup"][f"solve_{name}"],
+                   "", None)
+
+
 def micro_lines(res: dict[str, Any]) -> Iterator[Line]:
     """Microbenchmarks: each compiled op's fraction of copy bandwidth at the base point, and one
     Broyden iteration of torchdeq against the compiled one, with nothing and 7/8 converged."""
@@ -117,7 +160,11 @@ def kind_of(res: dict[str, Any]) -> Optional[tuple[str, Callable[[dict[str, Any]
     for prefix, label, lines in (("python -m deq_ext.bench", "deq_ext.bench", bench_lines),
                                  ("python -m benchmarks.memory_table", "memory table", memory_lines),
                                  ("python -m benchmarks.runtime_table", "runtime table",
-                                  runtime_lines)):
+                                  runtime_lines),
+                                 ("python -m benchmarks.training_step", "training step",
+                                  training_step_lines),
+                                 ("python -m benchmarks.history_precision", "history precision",
+                                  history_precision_lines)):
         if command.startswith(prefix):
             return label, lines
     return None

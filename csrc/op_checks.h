@@ -95,14 +95,17 @@ inline HistoryArgs check_history(const at::Tensor& U, const at::Tensor& V, const
   check_state("dg", dg, dz);
   check_state("g", g, dz);
   check_state("z", z, dz);
-  TORCH_CHECK(U.scalar_type() == dz.scalar_type(), "deq_ext: 'U' has dtype ", U.scalar_type(),
-              ", expected ", dz.scalar_type());
+  // The history may be stored narrower than the state (see dispatch_history in ops.h).
+  TORCH_CHECK(U.scalar_type() == dz.scalar_type() || U.scalar_type() == at::kHalf ||
+                  U.scalar_type() == at::kBFloat16,
+              "deq_ext: 'U' has dtype ", U.scalar_type(), ", expected ", dz.scalar_type(),
+              " (the state dtype), float16 or bfloat16");
   const int64_t B = U.size(0), m = U.size(1);
-  TORCH_CHECK(proj.scalar_type() == U.scalar_type() && proj.dim() == 3 && proj.size(0) == B &&
+  TORCH_CHECK(proj.scalar_type() == dz.scalar_type() && proj.dim() == 3 && proj.size(0) == B &&
                   proj.size(1) == 3 && proj.size(2) == m,
               "deq_ext: 'proj' must be (", B, ", 3, ", m, ") of the state dtype, got ",
               proj.sizes(), " ", proj.scalar_type());
-  TORCH_CHECK(scal.scalar_type() == U.scalar_type() && scal.dim() == 2 && scal.size(0) == B &&
+  TORCH_CHECK(scal.scalar_type() == dz.scalar_type() && scal.dim() == 2 && scal.size(0) == B &&
                   scal.size(1) == kNumScalars,
               "deq_ext: 'scal' must be (", B, ", ", static_cast<int>(kNumScalars),
               ") of the state dtype, got ", scal.sizes(), " ", scal.scalar_type());

@@ -18,6 +18,31 @@ struct HistoryArgs {
   at::Tensor U, V, dz, dg, g, z, proj, scal, status, npairs;
 };
 
+// The Broyden history (U, V) is stored in the state dtype or, to halve the bytes the
+// bandwidth-bound passes move, in float16 / bfloat16; the passes accumulate in double
+// either way. Calls fn(HistoryType<hist_t>{}) for the history dtype of a state_t solve
+// (op_checks.h has already rejected any other combination).
+template <typename T>
+struct HistoryType {
+  using type = T;
+};
+
+template <typename state_t, typename Fn>
+void dispatch_history(at::ScalarType history, const Fn& fn) {
+  switch (history) {
+    case at::kHalf:
+      fn(HistoryType<at::Half>{});
+      return;
+    case at::kBFloat16:
+      fn(HistoryType<at::BFloat16>{});
+      return;
+    default:
+      TORCH_CHECK(history == c10::CppTypeToScalarType<state_t>::value,
+                  "deq_ext: unsupported Broyden history dtype ", history);
+      fn(HistoryType<state_t>{});
+  }
+}
+
 // Anderson history: iterates X and residuals G (B, m, D), their Gram matrix
 // gram (B, m, m), mixing weights alpha (B, m), per-sample counters. The store
 // op leaves alpha and fallback undefined; the mix op leaves g undefined.

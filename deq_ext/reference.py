@@ -163,10 +163,18 @@ def broyden_reduce(
     ) * stored[:, None, :]
     dz_dg = (dz_a * dg_a).sum(dim=1)
     dz_g = (dz_a * g_a).sum(dim=1)
-    den, vg, valid = _sherman_morrison(p, dz_dg, dz_g, U.dtype)
+    den, vg, valid = _sherman_morrison(p, dz_dg, dz_g, dz.dtype)
     s = torch.stack([dz_dg, dz_g, den, vg, valid.to(acc)], dim=1)
     proj.index_copy_(0, idx, p.to(proj.dtype))
     scal.index_copy_(0, idx, s.to(scal.dtype))
+
+
+def _to_history(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round a new pair to the history dtype as the kernels do: a float16/bfloat16 history
+    takes the double through float32 (one rounding each), the state dtype directly."""
+    if dtype in (torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)
+    return x.to(dtype)
 
 
 def broyden_expand_(
@@ -220,8 +228,8 @@ def broyden_expand_(
 
     vi = idx[valid]
     if vi.numel():
-        U[vi, slot[valid]] = u[valid].to(U.dtype)
-        V[vi, slot[valid]] = v[valid].to(V.dtype)
+        U[vi, slot[valid]] = _to_history(u[valid], U.dtype)
+        V[vi, slot[valid]] = _to_history(v[valid], V.dtype)
         npairs.index_add_(0, vi, torch.ones_like(vi))
     step = step.to(z.dtype)
     dz.index_copy_(0, idx, step)

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build deq_ext with CUDA for the visible GPU, run the CUDA cases
 # of the test suite (the CPU and cuda-emu cases run in CI), the solver benchmark (with the
-# check_every / sync-free rows), the kernel microbenchmarks, the memory and runtime tables and the
-# eager-vs-compiled training step, leave everything in one folder (default $OUT, else
-# ./gpu_check_out), and print a short summary last.
+# check_every / sync-free rows), the kernel microbenchmarks, the memory and runtime tables, the
+# half-precision history and the eager-vs-compiled training step, leave everything in one folder
+# (default $OUT, else ./gpu_check_out), and print a short summary last.
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
 #
 # Needs python3 with a CUDA build of torch, nvcc, pytest and pytest-benchmark; torchdeq and
 # matplotlib are optional (their comparisons / the plot are skipped without them). Every step has
 # a time limit so that the whole run ends within 10 minutes on one H100; a step that hits its
-# limit reports rc=124 and the next one still runs (the limits add up to 555 s).
+# limit reports rc=124 and the next one still runs (the limits add up to 560 s).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_check_out}}"
@@ -38,7 +38,7 @@ step() {
   return $rc
 }
 
-step build 100 build.log env DEQ_EXT_FORCE_CUDA=1 python3 setup.py build_ext --inplace
+step build 90 build.log env DEQ_EXT_FORCE_CUDA=1 python3 setup.py build_ext --inplace
 python3 -c "import deq_ext, json; print(json.dumps(deq_ext.build_info()))" > "$out/build_info.json" 2>&1
 # The CUDA cases in three processes, so that a kernel fault (which poisons the CUDA context of
 # its process) costs one group, not the rest. Blocking launches make a fault name its kernel; a
@@ -69,7 +69,9 @@ runtime_models=(transformer trellisnet)
 [ -f out/bench-copy-memory/last.pt ] && runtime_models=(copy_memory "${runtime_models[@]}")
 step runtime 70 runtime.log python3 -m benchmarks.runtime_table --device cuda --reps 5 --warmup 1 \
   --models "${runtime_models[@]}" --out "$out/runtime-table-cuda.json"
-step compile 120 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
+step history 35 history.log python3 -m benchmarks.history_precision --device cuda --rounds 5 \
+  --out "$out/history-precision-cuda.json"
+step compile 100 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
   --out "$out/compile-step-cuda.json"
 
 {

@@ -288,6 +288,19 @@ MUTANTS: tuple[Mutant, ...] = (
        "benchmarks/peak_memory.py",
        "if key in inputs or key in self._live:", "if key in self._live:",
        "tests/benchmarks/test_tables.py::test_peak_tracker_counts_new_storages_once_and_frees_them"),
+    _m("history-dtype-ignored",
+       "history_dtype stores Broyden's U and V in half precision",
+       "deq_ext/solvers/broyden.py",
+       "hist = history_dtype or self.state_dtype",
+       "hist = self.state_dtype",
+       "tests/test_history_dtype.py::test_solver_converges_with_a_narrow_history",
+       "tests/test_history_dtype.py::test_workspace_halves_the_history_bytes", "-k", "cpu or halves"),
+    _m("history-dtype-unvalidated",
+       "a history dtype other than bfloat16/float16 is a clear error",
+       "deq_ext/solvers/broyden.py",
+       "if history_dtype is not None and history_dtype not in _NARROW_HISTORY:",
+       "if False:",
+       "tests/test_history_dtype.py::test_history_dtype_is_validated"),
 )
 
 

@@ -82,7 +82,7 @@ void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void reduce_impl(const HistoryArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
@@ -91,8 +91,8 @@ void reduce_impl(const HistoryArgs& t) {
   const int64_t Q = 3 * m + 2;  // a, b, c per pair, then dz.dg and dz.g
   std::vector<acc_t> part(act.size() * nch * Q, acc_t(0));
 
-  const scalar_t* U = t.U.data_ptr<scalar_t>();
-  const scalar_t* V = t.V.data_ptr<scalar_t>();
+  const hist_t* U = t.U.data_ptr<hist_t>();
+  const hist_t* V = t.V.data_ptr<hist_t>();
   const scalar_t* dz = t.dz.data_ptr<scalar_t>();
   const scalar_t* dg = t.dg.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
@@ -134,15 +134,15 @@ void reduce_impl(const HistoryArgs& t) {
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void expand_impl(const HistoryArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
   const int64_t m = t.U.size(1), D = t.U.size(2);
 
-  scalar_t* U = t.U.data_ptr<scalar_t>();
-  scalar_t* V = t.V.data_ptr<scalar_t>();
+  hist_t* U = t.U.data_ptr<hist_t>();
+  hist_t* V = t.V.data_ptr<hist_t>();
   scalar_t* dz = t.dz.data_ptr<scalar_t>();
   const scalar_t* dg = t.dg.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
@@ -167,8 +167,8 @@ void expand_impl(const HistoryArgs& t) {
       // stored once per group rather than once per pair.
       for (int64_t j0 = 0; j0 < k; j0 += kPairGroup) {
         const int64_t nj = std::min(kPairGroup, k - j0);
-        const scalar_t* u[kPairGroup];
-        const scalar_t* v[kPairGroup];
+        const hist_t* u[kPairGroup];
+        const hist_t* v[kPairGroup];
         acc_t aj[kPairGroup], bj[kPairGroup], cj[kPairGroup];
         for (int64_t t = 0; t < kPairGroup; ++t) {
           // Missing pairs of the last group read pair j0 with zero weights.
@@ -194,16 +194,16 @@ void expand_impl(const HistoryArgs& t) {
           sVa[d] = va;
         }
       }
-      scalar_t* un = U + (b * m + slot) * D + lo2;
-      scalar_t* vn = V + (b * m + slot) * D + lo2;
+      hist_t* un = U + (b * m + slot) * D + lo2;
+      hist_t* vn = V + (b * m + slot) * D + lo2;
       const int64_t o = b * D + lo2;
       for (int64_t d = 0; d < len; ++d) {
         const acc_t dzd = dz[o + d], dgd = dg[o + d];
         acc_t step = static_cast<acc_t>(g[o + d]) - sUc[d];
         if (valid) {
           const acc_t uu = (dzd + dgd - sUb[d]) / den;
-          un[d] = static_cast<scalar_t>(uu);
-          vn[d] = static_cast<scalar_t>(sVa[d] - dzd);
+          un[d] = static_cast<hist_t>(uu);
+          vn[d] = static_cast<hist_t>(sVa[d] - dzd);
           step -= uu * vg;
         }
         const scalar_t st = static_cast<scalar_t>(step);
@@ -230,13 +230,19 @@ void residual_status_cpu(const ResidualArgs& t, const StatusParams& p) {
 }
 
 void broyden_reduce_cpu(const HistoryArgs& t) {
-  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_reduce_cpu",
-                             [&] { reduce_impl<scalar_t>(t); });
+  AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_reduce_cpu", [&] {
+    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+      reduce_impl<scalar_t, typename decltype(h)::type>(t);
+    });
+  });
 }
 
 void broyden_expand_cpu(const HistoryArgs& t) {
-  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_expand_cpu",
-                             [&] { expand_impl<scalar_t>(t); });
+  AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_expand_cpu", [&] {
+    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+      expand_impl<scalar_t, typename decltype(h)::type>(t);
+    });
+  });
 }
 
 }  // namespace deq_ext

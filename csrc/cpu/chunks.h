@@ -37,23 +37,24 @@ acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
 }
 
 // Three dot products over [lo, hi) in one read of x, y, p, q, r:
-// x.p, y.q and y.r (the reduction pass reads each history row once).
-template <typename scalar_t, typename acc_t>
-void dot3(const scalar_t* x, const scalar_t* y, const scalar_t* p, const scalar_t* q,
-          const scalar_t* r, int64_t lo, int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr) {
+// x.p, y.q and y.r (the reduction pass reads each history row once; x and y may be
+// history rows of a narrower dtype than the state vectors p, q, r).
+template <typename x_t, typename p_t, typename acc_t>
+void dot3(const x_t* x, const x_t* y, const p_t* p, const p_t* q, const p_t* r, int64_t lo,
+          int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr) {
   acc_t a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
   int64_t d = lo;
   for (; d + kLanes <= hi; d += kLanes) {
     for (int64_t l = 0; l < kLanes; ++l) {
-      a[l] += static_cast<acc_t>(x[d + l]) * p[d + l];
-      b[l] += static_cast<acc_t>(y[d + l]) * q[d + l];
-      c[l] += static_cast<acc_t>(y[d + l]) * r[d + l];
+      a[l] += static_cast<acc_t>(x[d + l]) * static_cast<acc_t>(p[d + l]);
+      b[l] += static_cast<acc_t>(y[d + l]) * static_cast<acc_t>(q[d + l]);
+      c[l] += static_cast<acc_t>(y[d + l]) * static_cast<acc_t>(r[d + l]);
     }
   }
   for (int64_t l = 0; d < hi; ++d, ++l) {
-    a[l] += static_cast<acc_t>(x[d]) * p[d];
-    b[l] += static_cast<acc_t>(y[d]) * q[d];
-    c[l] += static_cast<acc_t>(y[d]) * r[d];
+    a[l] += static_cast<acc_t>(x[d]) * static_cast<acc_t>(p[d]);
+    b[l] += static_cast<acc_t>(y[d]) * static_cast<acc_t>(q[d]);
+    c[l] += static_cast<acc_t>(y[d]) * static_cast<acc_t>(r[d]);
   }
   *xp = sum_lanes(a);
   *yq = sum_lanes(b);

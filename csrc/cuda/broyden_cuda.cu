@@ -184,9 +184,9 @@ constexpr int kReducePairs = 4;
 //   out[3m] = dz.dg, out[3m + 1] = dz.g.
 // Entries j >= k are left unwritten; the finalize kernel never reads them.
 // Elements past D (last chunk) are loaded as 0 and add nothing.
-template <typename scalar_t, int kPairs>
+template <typename scalar_t, typename hist_t, int kPairs>
 __global__ void __launch_bounds__(kThreads, 2)
-    reduce_kernel(const scalar_t* __restrict__ U, const scalar_t* __restrict__ V,
+    reduce_kernel(const hist_t* __restrict__ U, const hist_t* __restrict__ V,
                   const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dg,
                   const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                   const int64_t* __restrict__ npairs, int64_t m, int64_t D, int64_t nch,
@@ -211,21 +211,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 
   __shared__ acc_t smem_tile[2][kWarps * 3 * kPairs];
-  const scalar_t* Ub = U + pos.b * m * D;
-  const scalar_t* Vb = V + pos.b * m * D;
+  const hist_t* Ub = U + pos.b * m * D;
+  const hist_t* Vb = V + pos.b * m * D;
   int buf = 0;
   for (int64_t j0 = 0; j0 < k; j0 += kPairs, buf ^= 1) {
     // Pairs past k (last tile) re-read pair k - 1 rather than branch around
     // their loads; their sums are computed but not written out.
-    scalar_t ur[kPairs][kEPT], vr[kPairs][kEPT];
+    hist_t ur[kPairs][kEPT], vr[kPairs][kEPT];
 #pragma unroll
     for (int t = 0; t < kPairs; ++t) {
       const int64_t j = j0 + t < k ? j0 + t : k - 1;
 #pragma unroll
       for (int e = 0; e < kEPT; ++e) {
         const int64_t i = j * D + pos.d[e];
-        ur[t][e] = pos.in[e] ? Ub[i] : scalar_t(0);
-        vr[t][e] = pos.in[e] ? Vb[i] : scalar_t(0);
+        ur[t][e] = pos.in[e] ? Ub[i] : hist_t(0);
+        vr[t][e] = pos.in[e] ? Vb[i] : hist_t(0);
       }
     }
     acc_t s[3 * kPairs];
@@ -311,20 +311,20 @@ constexpr int kExpandPairs = 4;
 
 // Adds pairs j .. j + G - 1 into sUb = U b, sUc = U c and sVa = V a, where c
 // leaves out pair `drop` (the slot the new pair is about to replace).
-template <int G, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void expand_accumulate(const scalar_t* Ub, const scalar_t* Vb,
+template <int G, typename scalar_t, typename hist_t, typename acc_t>
+__device__ __forceinline__ void expand_accumulate(const hist_t* Ub, const hist_t* Vb,
                                                   const scalar_t* __restrict__ coef, int64_t j,
                                                   int64_t m, int64_t D, int64_t drop,
                                                   const ChunkPos& pos, acc_t (&sUb)[kEPT],
                                                   acc_t (&sUc)[kEPT], acc_t (&sVa)[kEPT]) {
-  scalar_t ur[G][kEPT], vr[G][kEPT];
+  hist_t ur[G][kEPT], vr[G][kEPT];
 #pragma unroll
   for (int t = 0; t < G; ++t) {
 #pragma unroll
     for (int e = 0; e < kEPT; ++e) {
       const int64_t i = (j + t) * D + pos.d[e];
-      ur[t][e] = pos.in[e] ? Ub[i] : scalar_t(0);
-      vr[t][e] = pos.in[e] ? Vb[i] : scalar_t(0);
+      ur[t][e] = pos.in[e] ? Ub[i] : hist_t(0);
+      vr[t][e] = pos.in[e] ? Vb[i] : hist_t(0);
     }
   }
 #pragma unroll
@@ -344,9 +344,9 @@ __device__ __forceinline__ void expand_accumulate(const scalar_t* Ub, const scal
 // Mirrors expand_impl of the CPU code element by element. Each element of U,
 // V, dz and z is read and then written by the same thread, so overwriting the
 // ring slot (which is also read while the ring is full) needs no barrier.
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 __global__ void __launch_bounds__(kThreads, 2)
-    expand_kernel(scalar_t* U, scalar_t* V, scalar_t* dz, const scalar_t* __restrict__ dg,
+    expand_kernel(hist_t* U, hist_t* V, scalar_t* dz, const scalar_t* __restrict__ dg,
                   const scalar_t* __restrict__ g, scalar_t* z,
                   const scalar_t* __restrict__ proj, const scalar_t* __restrict__ scal,
                   const int64_t* __restrict__ status, const int64_t* __restrict__ npairs,
@@ -366,8 +366,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   acc_t sUb[kEPT], sUc[kEPT], sVa[kEPT];
 #pragma unroll
   for (int e = 0; e < kEPT; ++e) sUb[e] = sUc[e] = sVa[e] = acc_t(0);
-  scalar_t* Ub = U + pos.b * m * D;
-  scalar_t* Vb = V + pos.b * m * D;
+  hist_t* Ub = U + pos.b * m * D;
+  hist_t* Vb = V + pos.b * m * D;
   int64_t j = 0;
   for (; j + kExpandPairs <= k; j += kExpandPairs)
     expand_accumulate<kExpandPairs>(Ub, Vb, coef, j, m, D, drop, pos, sUb, sUc, sVa);
@@ -384,16 +384,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     xg[e] = pos.in[e] ? static_cast<acc_t>(g[i]) : acc_t(0);
     xz[e] = pos.in[e] ? z[i] : scalar_t(0);
   }
-  scalar_t* un = Ub + slot * D;
-  scalar_t* vn = Vb + slot * D;
+  hist_t* un = Ub + slot * D;
+  hist_t* vn = Vb + slot * D;
 #pragma unroll
   for (int e = 0; e < kEPT; ++e) {
     if (!pos.in[e]) continue;
     acc_t step = xg[e] - sUc[e];
     if (valid) {
       const acc_t uu = (xdz[e] + xdg[e] - sUb[e]) / den;
-      un[pos.d[e]] = static_cast<scalar_t>(uu);
-      vn[pos.d[e]] = static_cast<scalar_t>(sVa[e] - xdz[e]);
+      un[pos.d[e]] = static_cast<hist_t>(uu);
+      vn[pos.d[e]] = static_cast<hist_t>(sVa[e] - xdz[e]);
       step -= uu * vg;
     }
     const scalar_t st = static_cast<scalar_t>(step);
@@ -446,7 +446,7 @@ void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void reduce_impl(const HistoryArgs& t) {
   using acc_t = accum_t;
   const int64_t B = t.U.size(0), m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
@@ -454,9 +454,9 @@ void reduce_impl(const HistoryArgs& t) {
   const at::Tensor part = at::empty(
       {B, nch, 3 * m + 2}, t.U.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 
-  reduce_kernel<scalar_t, kReducePairs>
+  reduce_kernel<scalar_t, hist_t, kReducePairs>
       <<<chunk_grid(B, nch), kThreads, 0, stream>>>(
-          t.U.data_ptr<scalar_t>(), t.V.data_ptr<scalar_t>(), t.dz.data_ptr<scalar_t>(),
+          t.U.data_ptr<hist_t>(), t.V.data_ptr<hist_t>(), t.dz.data_ptr<scalar_t>(),
           t.dg.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
           t.npairs.data_ptr<int64_t>(), m, D, nch, part.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -467,13 +467,13 @@ void reduce_impl(const HistoryArgs& t) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void expand_impl(const HistoryArgs& t) {
   const int64_t B = t.U.size(0), m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  expand_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
-      t.U.data_ptr<scalar_t>(), t.V.data_ptr<scalar_t>(), t.dz.data_ptr<scalar_t>(),
+  expand_kernel<scalar_t, hist_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
+      t.U.data_ptr<hist_t>(), t.V.data_ptr<hist_t>(), t.dz.data_ptr<scalar_t>(),
       t.dg.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(), t.z.data_ptr<scalar_t>(),
       t.proj.data_ptr<scalar_t>(), t.scal.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
       t.npairs.data_ptr<int64_t>(), m, D, nch);
@@ -501,14 +501,20 @@ void residual_status_cuda(const ResidualArgs& t, const StatusParams& p) {
 
 void broyden_reduce_cuda(const HistoryArgs& t) {
   const c10::cuda::CUDAGuard device_guard(t.U.device());
-  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_reduce_cuda",
-                             [&] { reduce_impl<scalar_t>(t); });
+  AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_reduce_cuda", [&] {
+    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+      reduce_impl<scalar_t, typename decltype(h)::type>(t);
+    });
+  });
 }
 
 void broyden_expand_cuda(const HistoryArgs& t) {
   const c10::cuda::CUDAGuard device_guard(t.U.device());
-  AT_DISPATCH_FLOATING_TYPES(t.U.scalar_type(), "broyden_expand_cuda",
-                             [&] { expand_impl<scalar_t>(t); });
+  AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_expand_cuda", [&] {
+    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+      expand_impl<scalar_t, typename decltype(h)::type>(t);
+    });
+  });
 }
 
 }  // namespace deq_ext

@@ -15,8 +15,10 @@ from .config import BandwidthSizes, Config
 from .env import copy_bandwidth, last_level_cache_bytes, median, progress, time_calls
 
 
-def _history(cfg: Config, sizes: BandwidthSizes) -> dict[str, torch.Tensor]:
-    """Random solver state with a full ring (k = m), all samples active."""
+def _history(cfg: Config, sizes: BandwidthSizes,
+             history_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Random solver state with a full ring (k = m), all samples active; U and V in
+    ``history_dtype`` (default: the state dtype)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     dev, dt = cfg.torch_device, cfg.torch_dtype
     B, D, m = sizes.batch, sizes.dim, sizes.m
@@ -25,24 +27,26 @@ def _history(cfg: Config, sizes: BandwidthSizes) -> dict[str, torch.Tensor]:
         return (torch.randn(*shape, generator=gen, dtype=dt) * scale).to(dev).contiguous()
 
     # Scales keep the dot products O(1), so no value drifts towards overflow or denormals.
+    hist = history_dtype or dt
     return {
-        "U": rnd(B, m, D, scale=D ** -0.5), "V": rnd(B, m, D, scale=D ** -0.5),
+        "U": rnd(B, m, D, scale=D ** -0.5).to(hist), "V": rnd(B, m, D, scale=D ** -0.5).to(hist),
         "dz": rnd(B, D), "dg": rnd(B, D), "g": rnd(B, D), "z": rnd(B, D),
     }
 
 
 def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] = None,
-                      ops: Any = None) -> float:
+                      ops: Any = None, history_dtype: Optional[torch.dtype] = None) -> float:
     """Median seconds of one ``broyden_reduce`` + ``broyden_expand_`` at a full ring.
 
     ``active``: how many samples are still iterating (the first ones; the others are
     CONVERGED and must cost nothing); all by default. ``ops``: what holds the two passes,
     the compiled ops (``torch.ops.deq_ext``) by default (``deq_ext.reference`` for its twin).
+    ``history_dtype``: U and V stored narrower than the state (bfloat16, float16).
     """
     if ops is None:
         ops = _extension.ops()
 
-    st = _history(cfg, sizes)
+    st = _history(cfg, sizes, history_dtype)
     dev, dt = cfg.torch_device, cfg.torch_dtype
     B, m = sizes.batch, sizes.m
     status = torch.zeros(B, dtype=torch.int64, device=dev)  # ACTIVE

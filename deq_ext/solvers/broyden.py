@@ -25,11 +25,14 @@ class _BroydenSolve(MaskedSolve):
     """Broyden state: ring buffer U, V (B, m, D) of rank-1 pairs of H = -I + U V^T."""
 
     def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
-                 line_search: bool, ls_max_iter: int) -> None:
+                 line_search: bool, ls_max_iter: int,
+                 history_dtype: Optional[torch.dtype]) -> None:
         super().__init__(f, z0, opts)
         self.line_search, self.ls_max_iter = line_search, ls_max_iter
         self.dz = self.zeros(self.D)
-        self.U, self.V = self.zeros(memory, self.D), self.zeros(memory, self.D)
+        hist = history_dtype or self.state_dtype
+        self.U = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
+        self.V = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
         self.proj, self.scal = self.zeros(3, memory), self.zeros(NUM_SCALARS)
         self.npairs = self.full(0, torch.int64)
 
@@ -96,13 +99,14 @@ def broyden(
     memory: Optional[int] = None,
     line_search: bool = False,
     ls_max_iter: int = 4,
+    history_dtype: Optional[torch.dtype] = None,
     **options: Any,
 ) -> SolverResult:
     """Solve ``z = f(z)`` for every sample of a batch with limited-memory Broyden.
 
     The options from ``inputs`` to ``record`` are those of every method
-    (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``line_search`` and
-    ``ls_max_iter`` are Broyden's own.
+    (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``line_search``,
+    ``ls_max_iter`` and ``history_dtype`` are Broyden's own.
 
     Args:
         f: ``f(z, *inputs)`` maps a tensor shaped like ``z0`` to one of the same
@@ -133,6 +137,12 @@ def broyden(
             defaults to ``max_iter`` (the whole history). A smaller ring bounds the
             memory but can stall or diverge on hard solves:
             ``python -m benchmarks.history_size`` measures it.
+        history_dtype: store the history U, V in ``torch.bfloat16`` or ``torch.float16``
+            instead of the state dtype (default): half the bytes of the largest buffer
+            and of the two passes over it, which are bandwidth-bound. The passes still
+            accumulate in float64; only the stored pairs are rounded, so the iteration
+            is an inexact Broyden (``python -m benchmarks.history_precision`` measures
+            the steps it costs). float16 overflows beyond 65504: prefer bfloat16.
         per_sample: stop each sample as soon as it converges (default). With
             False every sample iterates until all have converged, as torchdeq does.
         return_final: return the last iterate instead of the lowest-residual one.
@@ -172,12 +182,13 @@ def broyden(
         >>> res = deq_ext.broyden(lambda z: z @ A + 1.0, torch.zeros(4, 3), tol=1e-8)
         >>> res.z  # every entry is 2.0
     """
-    opts, own = _checked(f, z0, memory, line_search, ls_max_iter, options)
+    opts, own = _checked(f, z0, memory, line_search, ls_max_iter, history_dtype, options)
     return run_solve(_BroydenSolve, f, z0, opts, **own)
 
 
 def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
                       line_search: bool = False, ls_max_iter: int = 4,
+                      history_dtype: Optional[torch.dtype] = None,
                       **options: Any) -> dict[str, int]:
     """Bytes of the state ``broyden(f, z0, ...)`` allocates, without running it.
 
@@ -185,13 +196,24 @@ def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
     residuals, the history, compaction's buffer, per-sample vectors), ``history`` (U and V),
     and the batch ``B`` and flattened size ``D``.
     """
-    opts, own = _checked(lambda z, *inputs: z, z0, memory, line_search, ls_max_iter, options)
+    opts, own = _checked(lambda z, *inputs: z, z0, memory, line_search, ls_max_iter,
+                         history_dtype, options)
     return workspace_bytes(_BroydenSolve, z0, opts, **own)
 
 
-def _checked(f, z0, memory, line_search, ls_max_iter, options) -> tuple[SolveOptions, dict]:
+_NARROW_HISTORY = (torch.float16, torch.bfloat16)
+
+
+def _checked(f, z0, memory, line_search, ls_max_iter, history_dtype,
+             options) -> tuple[SolveOptions, dict]:
     opts = SolveOptions.of("broyden", f, z0, options)
     memory = opts.max_iter if memory is None else memory
     validate_positive_int("memory (history size m)", memory)
     validate_positive_int("ls_max_iter", ls_max_iter)
-    return opts, dict(memory=memory, line_search=line_search, ls_max_iter=ls_max_iter)
+    if history_dtype is not None and not isinstance(history_dtype, torch.dtype):
+        raise TypeError(f"history_dtype must be a torch.dtype or None, got {history_dtype!r}")
+    if history_dtype is not None and history_dtype not in _NARROW_HISTORY:
+        raise ValueError(f"history_dtype must be torch.bfloat16, torch.float16 or None (the "
+                         f"state dtype), got {history_dtype}")
+    return opts, dict(memory=memory, line_search=line_search, ls_max_iter=ls_max_iter,
+                      history_dtype=history_dtype)
