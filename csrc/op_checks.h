@@ -125,8 +125,10 @@ inline void check_anderson(const at::Tensor& X, const at::Tensor& G, const at::T
   TORCH_CHECK(X.dim() == 3 && X.size(0) == z.size(0) && X.size(2) == z.size(1) && X.size(1) >= 1,
               "deq_ext: 'X' must have shape (B, m, D) = (", z.size(0), ", m >= 1, ", z.size(1),
               "), got ", X.sizes());
-  TORCH_CHECK(X.scalar_type() == z.scalar_type(), "deq_ext: 'X' has dtype ", X.scalar_type(),
-              ", expected ", z.scalar_type());
+  TORCH_CHECK(X.scalar_type() == z.scalar_type() || X.scalar_type() == at::kHalf ||
+                  X.scalar_type() == at::kBFloat16,
+              "deq_ext: 'X' has dtype ", X.scalar_type(), ", expected ", z.scalar_type(),
+              " (the state dtype), float16 or bfloat16");
   check_state("G", G, X);
   const int64_t B = X.size(0), m = X.size(1);
   TORCH_CHECK(gram.scalar_type() == z.scalar_type() && gram.dim() == 3 && gram.size(0) == B &&

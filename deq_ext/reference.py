@@ -257,9 +257,9 @@ def anderson_store_(
     """Store the newest iterate and residual, and its row of the residual Gram matrix.
 
     For every active sample, with slot = nhist % m (the oldest entry once the
-    ring is full): ``X[b, slot] = z``, ``G[b, slot] = g``, and
-    ``gram[b, slot, i] = gram[b, i, slot] = g . G[b, i]`` for every stored
-    entry i (the new one included); then ``nhist += 1``.
+    ring is full): ``X[b, slot] = z``, ``G[b, slot] = g`` (rounded to a narrower history
+    dtype), and ``gram[b, slot, i] = gram[b, i, slot] = G[b, slot] . G[b, i]`` for every
+    stored entry i (the new one included); then ``nhist += 1``.
     """
     idx = _active_index(status)
     if idx.numel() == 0:
@@ -267,10 +267,11 @@ def anderson_store_(
     m = X.shape[1]
     for b in idx.tolist():
         slot = int(nhist[b]) % m
-        X[b, slot] = z[b]
-        G[b, slot] = g[b]
+        X[b, slot] = _to_history(z[b], X.dtype)
+        G[b, slot] = _to_history(g[b], G.dtype)
         n = min(int(nhist[b]) + 1, m)
-        dots = (G[b, :n].to(torch.float64) @ g[b].to(torch.float64)).to(gram.dtype)
+        # Products of the stored rows (g rounded to a narrow history like the others).
+        dots = (G[b, :n].to(torch.float64) @ G[b, slot].to(torch.float64)).to(gram.dtype)
         gram[b, slot, :n] = dots
         gram[b, :n, slot] = dots
     nhist.index_add_(0, idx, torch.ones_like(idx))

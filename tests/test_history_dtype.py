@@ -1,6 +1,7 @@
-"""Broyden's history stored in bfloat16/float16 (``history_dtype``) under a float32/float64 state.
+"""Histories stored in bfloat16/float16 (``history_dtype``) under a float32/float64 state:
+Broyden's U, V and Anderson's X, G.
 
-The ops against the twin on awkward sizes, the solver and the layer end to end, and the errors.
+The ops against the twin on awkward sizes, the solvers and the layer end to end, and the errors.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import deq_ext
 from deq_ext import reference
 from deq_ext.status import VALID, Status
 
-from .helpers import TOL, clone_state, history_state, with_reduced_scalars
+from .helpers import TOL, anderson_state, clone_state, history_state, with_reduced_scalars
+from .test_anderson_ops import _max_condition
 from .test_broyden_ops import _seed
 
 NARROW = (torch.bfloat16, torch.float16)
@@ -20,16 +22,19 @@ STATES = (torch.float64, torch.float32)
 SIZES = [(3, 129, 5), (2, 4096 + 32, 3), (1, 7, 1)]
 REDUCE_ARGS = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
 EXPAND_ARGS = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")
+STORE_ARGS = ("X", "G", "gram", "z", "g", "status", "nhist")
+MIX_ARGS = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
 
 
-def _narrow_state(st: dict, hist: torch.dtype) -> dict:
+def _narrow_state(st: dict, hist: torch.dtype, names: tuple = ("U", "V")) -> dict:
     st = clone_state(st)
-    st["U"], st["V"] = st["U"].to(hist), st["V"].to(hist)
+    for name in names:
+        st[name] = st[name].to(hist)
     return st
 
 
 def _assert_match(got: dict, want: dict, before: dict, state: torch.dtype,
-                  hist: torch.dtype) -> None:
+                  hist: torch.dtype, amplification: float = 1.0) -> None:
     """State tensors to the state dtype's tolerance, the history to one rounding of its dtype;
     finished samples untouched bit for bit."""
     active = before["status"] == Status.ACTIVE
@@ -42,6 +47,7 @@ def _assert_match(got: dict, want: dict, before: dict, state: torch.dtype,
         if (~active).any():
             assert torch.equal(g[~active], before[name][~active]), f"{name}: a finished sample moved"
         tol = TOL[state] if g.dtype == state else dict(rtol=torch.finfo(hist).eps, atol=1e-6)
+        tol = {k: max(v, 1e-15 * amplification) for k, v in tol.items()}
         scale = max(1.0, float(w.abs().max()))
         torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=tol["atol"] * scale,
                                    msg=lambda m, n=name: f"{n}: {m}")
@@ -78,6 +84,37 @@ def test_expand_writes_a_narrow_history(ext, device, state, hist, B, D, m):
     assert torch.equal(st["npairs"], before["npairs"] + stored.long())
 
 
+@pytest.mark.parametrize("hist", NARROW, ids=str)
+@pytest.mark.parametrize("state", STATES, ids=str)
+@pytest.mark.parametrize("B,D,m", SIZES)
+def test_anderson_store_writes_a_narrow_history(ext, device, state, hist, B, D, m):
+    st = anderson_state(B, m, D, state, device, _seed("h-store", B, D, m, state))
+    st = _narrow_state(st, hist, ("X", "G"))
+    before, want = clone_state(st), clone_state(st)
+    ext.anderson_store_(*(st[a] for a in STORE_ARGS))
+    reference.anderson_store_(*(want[a] for a in STORE_ARGS))
+    _assert_match(st, want, before, state, hist)
+    # The new Gram entries are products of the stored rows: the diagonal is |G_slot|^2.
+    for b in torch.nonzero(before["status"] == Status.ACTIVE).flatten().tolist():
+        slot = int(before["nhist"][b]) % m
+        g_stored = st["G"][b, slot].double()
+        torch.testing.assert_close(st["gram"][b, slot, slot].double(), g_stored @ g_stored,
+                                   rtol=TOL[state]["rtol"], atol=0.0)
+
+
+@pytest.mark.parametrize("hist", NARROW, ids=str)
+@pytest.mark.parametrize("state", STATES, ids=str)
+@pytest.mark.parametrize("B,D,m", SIZES)
+def test_anderson_mix_reads_a_narrow_history(ext, device, state, hist, B, D, m):
+    st = anderson_state(B, m, D, state, device, _seed("h-mix", B, D, m, state))
+    st = _narrow_state(st, hist, ("X", "G"))
+    st["nhist"].clamp_(min=1)
+    before, want = clone_state(st), clone_state(st)
+    ext.anderson_mix_(*(st[a] for a in MIX_ARGS), 0.8, 1e-4)
+    reference.anderson_mix_(*(want[a] for a in MIX_ARGS), 0.8, 1e-4)
+    _assert_match(st, want, before, state, hist, _max_condition(before, m, 1e-4))
+
+
 def test_a_history_of_another_wide_dtype_is_rejected(ext):
     st = history_state(2, 3, 9, torch.float64, "cpu", seed=5)
     st["U"], st["V"] = st["U"].float(), st["V"].float()
@@ -95,15 +132,35 @@ def _contraction(B: int, D: int, dtype: torch.dtype, seed: int):
     return lambda z: torch.tanh(torch.einsum("bd,bde->be", z, W)) * rho[:, None] + x
 
 
-@pytest.mark.parametrize("hist", NARROW, ids=str)
-def test_solver_converges_with_a_narrow_history(device, hist):
+def _solves(device, hist, **kw):
+    """The contraction solved with the state-dtype history and with ``hist``."""
     B, D = 6, 48
     f = _contraction(B, D, torch.float32, seed=11)
     z0 = torch.zeros(B, D, device=device)
-    kw = dict(max_iter=60, tol=1e-5, stop_mode="rel")
+    kw = dict(max_iter=60, stop_mode="rel", **kw)
     fdev = (lambda z: f(z.cpu()).to(device)) if device.type != "cpu" else f
-    wide = deq_ext.broyden(fdev, z0, **kw)
-    narrow = deq_ext.broyden(fdev, z0, history_dtype=hist, return_state=True, **kw)
+    return deq_ext.solve(fdev, z0, **kw), deq_ext.solve(fdev, z0, history_dtype=hist,
+                                                        return_state=True, **kw)
+
+
+@pytest.mark.parametrize("hist", NARROW, ids=str)
+def test_anderson_with_a_narrow_history_converges_only_to_its_precision(device, hist):
+    """Anderson stores the iterates themselves, so a narrow X bounds the reachable residual
+    near the dtype's precision: loose tolerances are met in the same steps, a tight one stalls
+    (flagged, finite), it never diverges."""
+    wide, loose = _solves(device, hist, method="anderson", tol=1e-2)
+    assert loose.state["X"].dtype == hist and loose.state["G"].dtype == hist
+    assert (loose.status == Status.CONVERGED).all(), loose.status
+    assert int(loose.nstep.max()) <= int(wide.nstep.max()) + 1
+    _, tight = _solves(device, hist, method="anderson", tol=1e-6)
+    assert not (tight.status == Status.CONVERGED).any(), tight.status
+    assert ((tight.status == Status.STALLED) | (tight.status == Status.MAX_ITER)).all()
+    assert torch.isfinite(tight.z).all() and (tight.rel_residual < 1e-2).all()
+
+
+@pytest.mark.parametrize("hist", NARROW, ids=str)
+def test_solver_converges_with_a_narrow_history(device, hist):
+    wide, narrow = _solves(device, hist, method="broyden", tol=1e-5)
     assert narrow.state["U"].dtype == hist and narrow.state["V"].dtype == hist
     assert narrow.z.dtype == torch.float32
     assert (narrow.status == Status.CONVERGED).all(), narrow.status
@@ -145,6 +202,7 @@ def test_layer_trains_with_a_narrow_history_in_both_solves():
 
 @pytest.mark.parametrize("bad,err", [(torch.float32, ValueError), (torch.int8, ValueError),
                                      ("bfloat16", TypeError)])
-def test_history_dtype_is_validated(bad, err):
+@pytest.mark.parametrize("method", ["broyden", "anderson"])
+def test_history_dtype_is_validated(bad, err, method):
     with pytest.raises(err, match="history_dtype"):
-        deq_ext.broyden(lambda z: 0.5 * z, torch.ones(2, 3), history_dtype=bad)
+        deq_ext.solve(lambda z: 0.5 * z, torch.ones(2, 3), method=method, history_dtype=bad)

@@ -2,15 +2,18 @@
 # One command for a GPU machine: build deq_ext with CUDA for the visible GPU, run the CUDA cases
 # of the test suite (the CPU and cuda-emu cases run in CI), the solver benchmark (with the
 # check_every / sync-free rows), the kernel microbenchmarks, the memory and runtime tables, the
-# half-precision history and the eager-vs-compiled training step, leave everything in one folder
-# (default $OUT, else ./gpu_check_out), and print a short summary last.
+# half-precision history, the training step against torchdeq's DEQ and the eager-vs-compiled
+# training step, leave everything in one folder (default $OUT, else ./gpu_check_out), and print a
+# short summary last. With GPU_CHECK_ARCHIVE=PATH the folder is also packed into one .tgz there
+# (for machines that hand back only a few files).
 #
 #   bash tools/gpu_check.sh [OUT_DIR]
+#   GPU_CHECK_ARCHIVE="$OUT/gpu_check.tgz" bash tools/gpu_check.sh /tmp/gpu_check
 #
 # Needs python3 with a CUDA build of torch, nvcc, pytest and pytest-benchmark; torchdeq and
 # matplotlib are optional (their comparisons / the plot are skipped without them). Every step has
 # a time limit so that the whole run ends within 10 minutes on one H100; a step that hits its
-# limit reports rc=124 and the next one still runs (the limits add up to 560 s).
+# limit reports rc=124 and the next one still runs (the limits add up to 555 s).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_check_out}}"
@@ -59,7 +62,7 @@ cuda_tests models 35 tests/models
 step bench 40 bench.log python3 -m deq_ext.bench --device cuda --out "$out/bench-cuda.json"
 step bench_block 20 bench-block.log python3 -m deq_ext.bench --device cuda --problem block \
   --no-bandwidth --no-sweep --out "$out/bench-cuda-solver-bound.json"
-step micro 60 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
+step micro 45 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
   --micro-sizes=full --micro-budget=0.2 -k cuda --benchmark-json="$out/micro-cuda.json"
 step memory 30 memory.log python3 -m benchmarks.memory_table --device cuda \
   --out "$out/memory-table-cuda.json"
@@ -67,11 +70,13 @@ step memory 30 memory.log python3 -m benchmarks.memory_table --device cuda \
 # out/bench-copy-memory); training it here would not fit the step's limit.
 runtime_models=(transformer trellisnet)
 [ -f out/bench-copy-memory/last.pt ] && runtime_models=(copy_memory "${runtime_models[@]}")
-step runtime 70 runtime.log python3 -m benchmarks.runtime_table --device cuda --reps 5 --warmup 1 \
+step runtime 55 runtime.log python3 -m benchmarks.runtime_table --device cuda --reps 5 --warmup 1 \
   --models "${runtime_models[@]}" --out "$out/runtime-table-cuda.json"
-step history 35 history.log python3 -m benchmarks.history_precision --device cuda --rounds 5 \
+step history 30 history.log python3 -m benchmarks.history_precision --device cuda --rounds 5 \
   --out "$out/history-precision-cuda.json"
-step compile 100 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
+step training 40 training.log python3 -m benchmarks.training_step --device cuda --reps 5 \
+  --out "$out/training-step-cuda.json" --plot "$out/training-step-cuda.png"
+step compile 90 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
   --out "$out/compile-step-cuda.json"
 
 {
@@ -82,4 +87,7 @@ step compile 100 compile.log python3 -m benchmarks.compile_step --device cuda --
   echo
   python3 -m benchmarks.summary "$out"
 } | tee "$out/summary.txt"
+if [ -n "${GPU_CHECK_ARCHIVE:-}" ]; then
+  tar czf "$GPU_CHECK_ARCHIVE" -C "$out" . && cp "$out/summary.txt" "$(dirname "$GPU_CHECK_ARCHIVE")/"
+fi
 ! grep -q 'rc=[1-9]' "$out/summary.txt"

@@ -297,8 +297,8 @@ MUTANTS: tuple[Mutant, ...] = (
        "tests/test_history_dtype.py::test_workspace_halves_the_history_bytes", "-k", "cpu or halves"),
     _m("history-dtype-unvalidated",
        "a history dtype other than bfloat16/float16 is a clear error",
-       "deq_ext/solvers/broyden.py",
-       "if history_dtype is not None and history_dtype not in _NARROW_HISTORY:",
+       "deq_ext/solvers/_base.py",
+       "if history_dtype is not None and history_dtype not in NARROW_HISTORY:",
        "if False:",
        "tests/test_history_dtype.py::test_history_dtype_is_validated"),
 )

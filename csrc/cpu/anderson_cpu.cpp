@@ -29,30 +29,30 @@ void fixed_point_impl(const at::Tensor& zt, const at::Tensor& gt, const at::Tens
   });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void store_impl(const AndersonArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
   const int64_t m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
-  scalar_t* X = t.X.data_ptr<scalar_t>();
-  scalar_t* G = t.G.data_ptr<scalar_t>();
+  hist_t* X = t.X.data_ptr<hist_t>();
+  hist_t* G = t.G.data_ptr<hist_t>();
   const scalar_t* z = t.z.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
   int64_t* nhist = t.nhist.data_ptr<int64_t>();
-  // part[i, c, j] = g . G_j over chunk c, for the entries j kept after the store.
+  // part[i, c, j] = G_slot . G_j over chunk c, for the entries j kept after the store:
+  // the new entry is stored first, so the products are of the stored (possibly rounded) rows.
   std::vector<acc_t> part(act.size() * nch * m, acc_t(0));
   for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
     const int64_t slot = nhist[b] % m, n = std::min(nhist[b] + 1, m);
-    const scalar_t* gb = g + b * D;
-    acc_t* out = part.data() + (i * nch + c) * m;
-    for (int64_t j = 0; j < n; ++j) {
-      // The slot's old entry is being replaced: its product is with g itself.
-      const scalar_t* gj = j == slot ? gb : G + (b * m + j) * D;
-      out[j] = dot<scalar_t, acc_t>(gj, gb, lo, hi);
+    hist_t* xs = X + (b * m + slot) * D;
+    hist_t* gs = G + (b * m + slot) * D;
+    for (int64_t d = lo; d < hi; ++d) {
+      xs[d] = static_cast<hist_t>(z[b * D + d]);
+      gs[d] = static_cast<hist_t>(g[b * D + d]);
     }
-    std::copy(z + b * D + lo, z + b * D + hi, X + (b * m + slot) * D + lo);
-    std::copy(gb + lo, gb + hi, G + (b * m + slot) * D + lo);
+    acc_t* out = part.data() + (i * nch + c) * m;
+    for (int64_t j = 0; j < n; ++j) out[j] = dot<hist_t, acc_t>(G + (b * m + j) * D, gs, lo, hi);
   });
   scalar_t* gram = t.gram.data_ptr<scalar_t>();
   for (size_t i = 0; i < act.size(); ++i) {
@@ -67,7 +67,7 @@ void store_impl(const AndersonArgs& t) {
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 void mix_impl(const AndersonArgs& t, double beta, double lam) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
@@ -86,8 +86,8 @@ void mix_impl(const AndersonArgs& t, double beta, double lam) {
       fallback[b] += 1;
     for (int64_t i = 0; i < m; ++i) alpha[b * m + i] = static_cast<scalar_t>(i < n ? w[i] : 0);
   }
-  const scalar_t* X = t.X.data_ptr<scalar_t>();
-  const scalar_t* G = t.G.data_ptr<scalar_t>();
+  const hist_t* X = t.X.data_ptr<hist_t>();
+  const hist_t* G = t.G.data_ptr<hist_t>();
   scalar_t* z = t.z.data_ptr<scalar_t>();
   const acc_t bt = static_cast<acc_t>(beta);
   for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
@@ -98,8 +98,8 @@ void mix_impl(const AndersonArgs& t, double beta, double lam) {
       std::fill(acc, acc + len, acc_t(0));
       for (int64_t j = 0; j < n; ++j) {
         const acc_t a = alpha[b * m + j];
-        const scalar_t* x = X + (b * m + j) * D + lo2;
-        const scalar_t* r = G + (b * m + j) * D + lo2;
+        const hist_t* x = X + (b * m + j) * D + lo2;
+        const hist_t* r = G + (b * m + j) * D + lo2;
         for (int64_t d = 0; d < len; ++d)
           acc[d] += a * (static_cast<acc_t>(x[d]) + bt * static_cast<acc_t>(r[d]));
       }
@@ -117,13 +117,19 @@ void fixed_point_step_cpu(const at::Tensor& z, const at::Tensor& g, const at::Te
 }
 
 void anderson_store_cpu(const AndersonArgs& t) {
-  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_store_cpu",
-                             [&] { store_impl<scalar_t>(t); });
+  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_store_cpu", [&] {
+    dispatch_history<scalar_t>(t.X.scalar_type(), [&](auto h) {
+      store_impl<scalar_t, typename decltype(h)::type>(t);
+    });
+  });
 }
 
 void anderson_mix_cpu(const AndersonArgs& t, double beta, double lam) {
-  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_mix_cpu",
-                             [&] { mix_impl<scalar_t>(t, beta, lam); });
+  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_mix_cpu", [&] {
+    dispatch_history<scalar_t>(t.X.scalar_type(), [&](auto h) {
+      mix_impl<scalar_t, typename decltype(h)::type>(t, beta, lam);
+    });
+  });
 }
 
 }  // namespace deq_ext

@@ -47,11 +47,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Partial dots g . G_j over this chunk (G_slot is taken as g itself, since that
-// entry is being replaced), and the chunk of X[slot] = z, G[slot] = g.
-template <typename scalar_t>
+// Partial dots G_slot . G_j over this chunk, with G_slot the new entry g as stored
+// (rounded to the history dtype; the old entry of the slot is being replaced), and
+// the chunk of X[slot] = z, G[slot] = g.
+template <typename scalar_t, typename hist_t>
 __global__ void __launch_bounds__(kThreads)
-    store_kernel(scalar_t* X, scalar_t* G, const scalar_t* __restrict__ z,
+    store_kernel(hist_t* X, hist_t* G, const scalar_t* __restrict__ z,
                  const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
                  const int64_t* __restrict__ nhist, int64_t m, int64_t D, int64_t nch,
                  accum_t* __restrict__ part) {
@@ -63,13 +64,13 @@ __global__ void __launch_bounds__(kThreads)
   acc_t xg[kEPT];
   for (int e = 0; e < kEPT; ++e) {
     const int64_t d = chunk * kChunk + threadIdx.x + e * kThreads;
-    xg[e] = d < D ? static_cast<acc_t>(g[b * D + d]) : acc_t(0);
+    xg[e] = d < D ? static_cast<acc_t>(static_cast<hist_t>(g[b * D + d])) : acc_t(0);
   }
   __shared__ acc_t smem[kWarps];
   acc_t* out = part + (b * nch + chunk) * m;
   for (int64_t j = 0; j < n; ++j) {
     acc_t s = 0;
-    const scalar_t* gj = G + (b * m + j) * D;
+    const hist_t* gj = G + (b * m + j) * D;
     for (int e = 0; e < kEPT; ++e) {
       const int64_t d = chunk * kChunk + threadIdx.x + e * kThreads;
       if (d < D) s += (j == slot ? xg[e] : static_cast<acc_t>(gj[d])) * xg[e];
@@ -81,8 +82,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = 0; e < kEPT; ++e) {
     const int64_t d = chunk * kChunk + threadIdx.x + e * kThreads;
     if (d < D) {
-      X[(b * m + slot) * D + d] = z[b * D + d];
-      G[(b * m + slot) * D + d] = g[b * D + d];
+      X[(b * m + slot) * D + d] = static_cast<hist_t>(z[b * D + d]);
+      G[(b * m + slot) * D + d] = static_cast<hist_t>(g[b * D + d]);
     }
   }
 }
@@ -126,9 +127,9 @@ __global__ void weights_kernel(const scalar_t* __restrict__ gram, scalar_t* alph
 }
 
 // z = sum_j alpha_j (X_j + beta G_j), alpha read back as stored (like the CPU code).
-template <typename scalar_t>
+template <typename scalar_t, typename hist_t>
 __global__ void __launch_bounds__(kThreads)
-    mix_kernel(const scalar_t* __restrict__ X, const scalar_t* __restrict__ G,
+    mix_kernel(const hist_t* __restrict__ X, const hist_t* __restrict__ G,
                const scalar_t* __restrict__ alpha, scalar_t* z,
                const int64_t* __restrict__ status, const int64_t* __restrict__ nhist,
                double beta, int64_t m, int64_t D, int64_t nch) {
@@ -141,8 +142,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = 0; e < kEPT; ++e) acc[e] = 0;
   for (int64_t j = 0; j < n; ++j) {
     const acc_t a = static_cast<acc_t>(alpha[b * m + j]);
-    const scalar_t* x = X + (b * m + j) * D;
-    const scalar_t* r = G + (b * m + j) * D;
+    const hist_t* x = X + (b * m + j) * D;
+    const hist_t* r = G + (b * m + j) * D;
 #pragma unroll
     for (int e = 0; e < kEPT; ++e) {
       const int64_t d = chunk * kChunk + threadIdx.x + e * kThreads;
@@ -179,17 +180,21 @@ void anderson_store_cuda(const AndersonArgs& t) {
   const c10::cuda::CUDAGuard device_guard(t.X.device());
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_store_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_store_cuda", [&] {
     using acc_t = accum_t;
+    using state_t = scalar_t;
     at::Tensor part =
-        at::empty({B, nch, m}, t.X.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    store_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
-        t.X.data_ptr<scalar_t>(), t.G.data_ptr<scalar_t>(), t.z.data_ptr<scalar_t>(),
-        t.g.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(), t.nhist.data_ptr<int64_t>(), m,
-        D, nch, part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    store_finalize_kernel<scalar_t><<<sample_blocks(B), kSampleThreads, 0, stream>>>(
-        part.data_ptr<acc_t>(), t.gram.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
+        at::empty({B, nch, m}, t.z.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    dispatch_history<state_t>(t.X.scalar_type(), [&](auto h) {
+      using hist_t = typename decltype(h)::type;
+      store_kernel<state_t, hist_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
+          t.X.data_ptr<hist_t>(), t.G.data_ptr<hist_t>(), t.z.data_ptr<state_t>(),
+          t.g.data_ptr<state_t>(), t.status.data_ptr<int64_t>(), t.nhist.data_ptr<int64_t>(),
+          m, D, nch, part.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    store_finalize_kernel<state_t><<<sample_blocks(B), kSampleThreads, 0, stream>>>(
+        part.data_ptr<acc_t>(), t.gram.data_ptr<state_t>(), t.status.data_ptr<int64_t>(),
         t.nhist.data_ptr<int64_t>(), m, nch, B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -199,18 +204,22 @@ void anderson_mix_cuda(const AndersonArgs& t, double beta, double lam) {
   const c10::cuda::CUDAGuard device_guard(t.X.device());
   const int64_t B = t.X.size(0), m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(t.X.scalar_type(), "anderson_mix_cuda", [&] {
-    at::Tensor scratch = at::empty({B, 2 * m * m + m}, t.X.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_mix_cuda", [&] {
+    using state_t = scalar_t;
+    at::Tensor scratch = at::empty({B, 2 * m * m + m}, t.z.options().dtype(at::kDouble));
     weights_kernel<scalar_t><<<sample_blocks(B), kSampleThreads, 0, stream>>>(
         t.gram.data_ptr<scalar_t>(), t.alpha.data_ptr<scalar_t>(),
         t.fallback.data_ptr<int64_t>(), t.status.data_ptr<int64_t>(),
         t.nhist.data_ptr<int64_t>(), m, lam, scratch.data_ptr<double>(), B);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    mix_kernel<scalar_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
-        t.X.data_ptr<scalar_t>(), t.G.data_ptr<scalar_t>(), t.alpha.data_ptr<scalar_t>(),
-        t.z.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(), t.nhist.data_ptr<int64_t>(),
-        beta, m, D, nch);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_history<state_t>(t.X.scalar_type(), [&](auto h) {
+      using hist_t = typename decltype(h)::type;
+      mix_kernel<state_t, hist_t><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
+          t.X.data_ptr<hist_t>(), t.G.data_ptr<hist_t>(), t.alpha.data_ptr<state_t>(),
+          t.z.data_ptr<state_t>(), t.status.data_ptr<int64_t>(), t.nhist.data_ptr<int64_t>(),
+          beta, m, D, nch);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 

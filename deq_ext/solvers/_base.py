@@ -64,6 +64,18 @@ def validate_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+NARROW_HISTORY = (torch.float16, torch.bfloat16)
+
+
+def validate_history_dtype(history_dtype) -> None:
+    """None (the state dtype) or a half-precision dtype for the method's (B, m, D) history."""
+    if history_dtype is not None and not isinstance(history_dtype, torch.dtype):
+        raise TypeError(f"history_dtype must be a torch.dtype or None, got {history_dtype!r}")
+    if history_dtype is not None and history_dtype not in NARROW_HISTORY:
+        raise ValueError(f"history_dtype must be torch.bfloat16, torch.float16 or None (the "
+                         f"state dtype), got {history_dtype}")
+
+
 def validate_positive(name: str, value, upper: Optional[float] = None) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         and value > 0 and (upper is None or value <= upper)

@@ -18,7 +18,15 @@ import torch
 from ..result import SolverResult
 from ..states import solves_structured_states
 from ..status import NUM_SCALARS, Status
-from ._base import Func, MaskedSolve, SolveOptions, run_solve, validate_positive_int, workspace_bytes
+from ._base import (
+    Func,
+    MaskedSolve,
+    SolveOptions,
+    run_solve,
+    validate_history_dtype,
+    validate_positive_int,
+    workspace_bytes,
+)
 
 
 class _BroydenSolve(MaskedSolve):
@@ -201,19 +209,12 @@ def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
     return workspace_bytes(_BroydenSolve, z0, opts, **own)
 
 
-_NARROW_HISTORY = (torch.float16, torch.bfloat16)
-
-
 def _checked(f, z0, memory, line_search, ls_max_iter, history_dtype,
              options) -> tuple[SolveOptions, dict]:
     opts = SolveOptions.of("broyden", f, z0, options)
     memory = opts.max_iter if memory is None else memory
     validate_positive_int("memory (history size m)", memory)
     validate_positive_int("ls_max_iter", ls_max_iter)
-    if history_dtype is not None and not isinstance(history_dtype, torch.dtype):
-        raise TypeError(f"history_dtype must be a torch.dtype or None, got {history_dtype!r}")
-    if history_dtype is not None and history_dtype not in _NARROW_HISTORY:
-        raise ValueError(f"history_dtype must be torch.bfloat16, torch.float16 or None (the "
-                         f"state dtype), got {history_dtype}")
+    validate_history_dtype(history_dtype)
     return opts, dict(memory=memory, line_search=line_search, ls_max_iter=ls_max_iter,
                       history_dtype=history_dtype)
