@@ -6,6 +6,7 @@
 #include <string>
 
 #include "op_schemas.h"
+#include "ops.h"
 
 TORCH_LIBRARY(deq_ext, m) { deq_ext::define_ops(m); }
 
@@ -31,6 +32,7 @@ pybind11::dict build_info() {
   info["cuda_archs"] = std::string();
 #endif
   info["torch_version"] = std::string(DEQ_EXT_STR(DEQ_EXT_TORCH_VERSION));
+  info["cpu_kernels"] = std::string(deq_ext::cpu_kernel_isa());
 #ifdef _OPENMP
   info["openmp"] = true;  // at::parallel_for in the CPU kernels uses torch's threads
 #else

@@ -50,6 +50,9 @@ struct AndersonArgs {
   at::Tensor X, G, gram, z, g, alpha, fallback, status, nhist;
 };
 
+// Which clones of the CPU loops run here: "avx2" (AVX2 + FMA) or "baseline".
+const char* cpu_kernel_isa();
+
 void residual_status_cpu(const ResidualArgs& t, const StatusParams& p);
 void broyden_reduce_cpu(const HistoryArgs& t);
 void broyden_expand_cpu(const HistoryArgs& t);

@@ -70,7 +70,9 @@ def build_info() -> dict[str, Any]:
     ``cuda_archs`` lists the compute capabilities the CUDA kernels were built
     for (for example ``['8.0', '9.0']``); it is empty when CUDA was not built.
     ``emulation`` says whether the test-only CUDA emulation module was built (it is
-    not imported by this call).
+    not imported by this call). ``cpu_kernels`` says which clones of the CPU loops run:
+    ``'avx2'`` (AVX2 + FMA, on x86-64 CPUs that have them) or ``'baseline'`` (elsewhere, or
+    with ``DEQ_EXT_CPU_BASELINE=1`` in the environment).
     When the extension could not be loaded, ``loaded`` is False and ``error``
     says why.
     """

@@ -67,6 +67,18 @@ void store_impl(const AndersonArgs& t) {
   }
 }
 
+// acc += a * (x + bt * r) over len elements: one history entry into the mixed iterate.
+template <typename hist_t, typename acc_t>
+DEQ_EXT_INLINE_BODY void mix_accumulate_body(const hist_t* x, const hist_t* r, acc_t a, acc_t bt,
+                                             int64_t len, acc_t* __restrict__ acc) {
+  for (int64_t d = 0; d < len; ++d)
+    acc[d] += a * (static_cast<acc_t>(x[d]) + bt * static_cast<acc_t>(r[d]));
+}
+DEQ_EXT_CPU_CLONES(template <typename hist_t DEQ_EXT_COMMA typename acc_t>, mix_accumulate,
+                   (const hist_t* x, const hist_t* r, acc_t a, acc_t bt, int64_t len,
+                    acc_t* __restrict__ acc),
+                   (x, r, a, bt, len, acc))
+
 template <typename scalar_t, typename hist_t>
 void mix_impl(const AndersonArgs& t, double beta, double lam) {
   using acc_t = at::acc_type<scalar_t, false>;
@@ -98,10 +110,7 @@ void mix_impl(const AndersonArgs& t, double beta, double lam) {
       std::fill(acc, acc + len, acc_t(0));
       for (int64_t j = 0; j < n; ++j) {
         const acc_t a = alpha[b * m + j];
-        const hist_t* x = X + (b * m + j) * D + lo2;
-        const hist_t* r = G + (b * m + j) * D + lo2;
-        for (int64_t d = 0; d < len; ++d)
-          acc[d] += a * (static_cast<acc_t>(x[d]) + bt * static_cast<acc_t>(r[d]));
+        mix_accumulate(X + (b * m + j) * D + lo2, G + (b * m + j) * D + lo2, a, bt, len, acc);
       }
       for (int64_t d = 0; d < len; ++d) z[b * D + lo2 + d] = static_cast<scalar_t>(acc[d]);
     }

@@ -134,6 +134,65 @@ void reduce_impl(const HistoryArgs& t) {
   }
 }
 
+// One group of kPairGroup pairs into a sub-block's accumulators: sUb += U b, sUc += U c,
+// sVa += V a over its len elements (u[t], v[t]: the rows of pair t at the sub-block).
+template <typename hist_t, typename acc_t>
+DEQ_EXT_INLINE_BODY void accumulate_pairs_body(const hist_t* const* u, const hist_t* const* v,
+                                               const acc_t* aj, const acc_t* bj,
+                                               const acc_t* cj, int64_t len,
+                                               acc_t* __restrict__ sUb, acc_t* __restrict__ sUc,
+                                               acc_t* __restrict__ sVa) {
+  for (int64_t d = 0; d < len; ++d) {
+    acc_t ub = sUb[d], uc = sUc[d], va = sVa[d];
+    for (int64_t t = 0; t < kPairGroup; ++t) {
+      const acc_t ud = static_cast<acc_t>(u[t][d]);
+      ub += ud * bj[t];
+      uc += ud * cj[t];
+      va += static_cast<acc_t>(v[t][d]) * aj[t];
+    }
+    sUb[d] = ub;
+    sUc[d] = uc;
+    sVa[d] = va;
+  }
+}
+DEQ_EXT_CPU_CLONES(template <typename hist_t DEQ_EXT_COMMA typename acc_t>, accumulate_pairs,
+                   (const hist_t* const* u, const hist_t* const* v, const acc_t* aj,
+                    const acc_t* bj, const acc_t* cj, int64_t len, acc_t* __restrict__ sUb,
+                    acc_t* __restrict__ sUc, acc_t* __restrict__ sVa),
+                   (u, v, aj, bj, cj, len, sUb, sUc, sVa))
+
+// The end of the expansion over one sub-block: the new pair (un, vn) when it is valid,
+// then the step -H'g into dz and z.
+template <typename scalar_t, typename hist_t, typename acc_t>
+DEQ_EXT_INLINE_BODY void finish_step_body(hist_t* __restrict__ un, hist_t* __restrict__ vn,
+                                          scalar_t* __restrict__ dz,
+                                          const scalar_t* __restrict__ dg,
+                                          const scalar_t* __restrict__ g,
+                                          scalar_t* __restrict__ z, const acc_t* sUb,
+                                          const acc_t* sUc, const acc_t* sVa, acc_t den,
+                                          acc_t vg, bool valid, int64_t len) {
+  for (int64_t d = 0; d < len; ++d) {
+    const acc_t dzd = dz[d], dgd = dg[d];
+    acc_t step = static_cast<acc_t>(g[d]) - sUc[d];
+    if (valid) {
+      const acc_t uu = (dzd + dgd - sUb[d]) / den;
+      un[d] = static_cast<hist_t>(uu);
+      vn[d] = static_cast<hist_t>(sVa[d] - dzd);
+      step -= uu * vg;
+    }
+    const scalar_t st = static_cast<scalar_t>(step);
+    dz[d] = st;
+    z[d] = z[d] + st;
+  }
+}
+DEQ_EXT_CPU_CLONES(template <typename scalar_t DEQ_EXT_COMMA typename hist_t DEQ_EXT_COMMA
+                   typename acc_t>, finish_step,
+                   (hist_t* __restrict__ un, hist_t* __restrict__ vn, scalar_t* __restrict__ dz,
+                    const scalar_t* __restrict__ dg, const scalar_t* __restrict__ g,
+                    scalar_t* __restrict__ z, const acc_t* sUb, const acc_t* sUc,
+                    const acc_t* sVa, acc_t den, acc_t vg, bool valid, int64_t len),
+                   (un, vn, dz, dg, g, z, sUb, sUc, sVa, den, vg, valid, len))
+
 template <typename scalar_t, typename hist_t>
 void expand_impl(const HistoryArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
@@ -181,35 +240,11 @@ void expand_impl(const HistoryArgs& t) {
           // The pair in `slot` is replaced by the new one, so it leaves the step.
           cj[t] = (real && !(valid && j == slot)) ? acc_t(a[2 * m + j]) : acc_t(0);
         }
-        for (int64_t d = 0; d < len; ++d) {
-          acc_t ub = sUb[d], uc = sUc[d], va = sVa[d];
-          for (int64_t t = 0; t < kPairGroup; ++t) {
-            const acc_t ud = static_cast<acc_t>(u[t][d]);
-            ub += ud * bj[t];
-            uc += ud * cj[t];
-            va += static_cast<acc_t>(v[t][d]) * aj[t];
-          }
-          sUb[d] = ub;
-          sUc[d] = uc;
-          sVa[d] = va;
-        }
+        accumulate_pairs(u, v, aj, bj, cj, len, sUb, sUc, sVa);
       }
-      hist_t* un = U + (b * m + slot) * D + lo2;
-      hist_t* vn = V + (b * m + slot) * D + lo2;
       const int64_t o = b * D + lo2;
-      for (int64_t d = 0; d < len; ++d) {
-        const acc_t dzd = dz[o + d], dgd = dg[o + d];
-        acc_t step = static_cast<acc_t>(g[o + d]) - sUc[d];
-        if (valid) {
-          const acc_t uu = (dzd + dgd - sUb[d]) / den;
-          un[d] = static_cast<hist_t>(uu);
-          vn[d] = static_cast<hist_t>(sVa[d] - dzd);
-          step -= uu * vg;
-        }
-        const scalar_t st = static_cast<scalar_t>(step);
-        dz[o + d] = st;
-        z[o + d] = z[o + d] + st;
-      }
+      finish_step(U + (b * m + slot) * D + lo2, V + (b * m + slot) * D + lo2, dz + o, dg + o,
+                  g + o, z + o, sUb, sUc, sVa, den, vg, valid, len);
     }
   });
   const scalar_t* sc = scal;
@@ -218,6 +253,13 @@ void expand_impl(const HistoryArgs& t) {
 }
 
 }  // namespace
+
+const char* cpu_kernel_isa() {
+#ifdef DEQ_EXT_AVX2_CLONES
+  if (cpu_has_avx2_fma()) return "avx2";
+#endif
+  return "baseline";
+}
 
 void residual_status_cpu(const ResidualArgs& t, const StatusParams& p) {
   AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "residual_status_cpu", [&] {

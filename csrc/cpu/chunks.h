@@ -8,9 +8,47 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "../common/broyden_math.h"
+
+// The hot loops are compiled twice: for the x86-64 baseline (SSE2) and for AVX2 + FMA,
+// chosen at run time. With double accumulators the baseline's two-lane vectors, not memory,
+// limit the passes; AVX2 doubles the lanes. Each loop's body is written once (always
+// inlined into both clones); the clones have their own names, so nothing compiled for AVX2
+// is shared with, or merged into, the baseline code.
+// DEQ_EXT_CPU_BASELINE=1 in the environment (read once) keeps the baseline clones: for
+// testing them on a machine that has AVX2.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DEQ_EXT_AVX2_CLONES 1
+#define DEQ_EXT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("DEQ_EXT_CPU_BASELINE") == nullptr;
+  return yes;
+}
+#endif
+#define DEQ_EXT_INLINE_BODY inline __attribute__((always_inline))
+#define DEQ_EXT_COMMA ,
+
+// Defines NAME(args) that calls NAME##_body(args) through the AVX2 clone where the CPU has it.
+// PARAMS and ARGS are parenthesised lists; the template parameters come first.
+#ifdef DEQ_EXT_AVX2_CLONES
+#define DEQ_EXT_CPU_CLONES(TEMPLATE, NAME, PARAMS, ARGS)                \
+  TEMPLATE void NAME##_base PARAMS { NAME##_body ARGS; }                \
+  TEMPLATE DEQ_EXT_TARGET_AVX2 void NAME##_avx2 PARAMS { NAME##_body ARGS; } \
+  TEMPLATE void NAME PARAMS {                                           \
+    if (cpu_has_avx2_fma()) {                                           \
+      NAME##_avx2 ARGS;                                                 \
+    } else {                                                            \
+      NAME##_base ARGS;                                                 \
+    }                                                                   \
+  }
+#else
+#define DEQ_EXT_CPU_CLONES(TEMPLATE, NAME, PARAMS, ARGS) \
+  TEMPLATE void NAME PARAMS { NAME##_body ARGS; }
+#endif
 
 namespace deq_ext {
 
@@ -30,7 +68,7 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kSubBlock = 512;
 
 template <typename acc_t>
-acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
+DEQ_EXT_INLINE_BODY acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
   acc_t s = 0;
   for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
   return s;
@@ -40,8 +78,9 @@ acc_t sum_lanes(const acc_t (&lanes)[kLanes]) {
 // x.p, y.q and y.r (the reduction pass reads each history row once; x and y may be
 // history rows of a narrower dtype than the state vectors p, q, r).
 template <typename x_t, typename p_t, typename acc_t>
-void dot3(const x_t* x, const x_t* y, const p_t* p, const p_t* q, const p_t* r, int64_t lo,
-          int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr) {
+DEQ_EXT_INLINE_BODY void dot3_body(const x_t* x, const x_t* y, const p_t* p, const p_t* q,
+                                   const p_t* r, int64_t lo, int64_t hi, acc_t* xp, acc_t* yq,
+                                   acc_t* yr) {
   acc_t a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
   int64_t d = lo;
   for (; d + kLanes <= hi; d += kLanes) {
@@ -60,6 +99,10 @@ void dot3(const x_t* x, const x_t* y, const p_t* p, const p_t* q, const p_t* r, 
   *yq = sum_lanes(b);
   *yr = sum_lanes(c);
 }
+DEQ_EXT_CPU_CLONES(template <typename x_t DEQ_EXT_COMMA typename p_t DEQ_EXT_COMMA typename acc_t>, dot3,
+                   (const x_t* x, const x_t* y, const p_t* p, const p_t* q, const p_t* r,
+                    int64_t lo, int64_t hi, acc_t* xp, acc_t* yq, acc_t* yr),
+                   (x, y, p, q, r, lo, hi, xp, yq, yr))
 
 inline int64_t num_chunks(int64_t D) { return std::max<int64_t>(1, (D + kChunk - 1) / kChunk); }
 
@@ -77,15 +120,27 @@ void for_each_chunk(const std::vector<int64_t>& act, int64_t D, const Body& body
   });
 }
 
-// x . y over [lo, hi).
+// *out = x . y over [lo, hi).
 template <typename scalar_t, typename acc_t>
-acc_t dot(const scalar_t* x, const scalar_t* y, int64_t lo, int64_t hi) {
+DEQ_EXT_INLINE_BODY void dot_into_body(const scalar_t* x, const scalar_t* y, int64_t lo, int64_t hi,
+                                  acc_t* out) {
   acc_t a[kLanes] = {};
   int64_t d = lo;
   for (; d + kLanes <= hi; d += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) a[l] += static_cast<acc_t>(x[d + l]) * y[d + l];
-  for (int64_t l = 0; d < hi; ++d, ++l) a[l] += static_cast<acc_t>(x[d]) * y[d];
-  return sum_lanes(a);
+    for (int64_t l = 0; l < kLanes; ++l)
+      a[l] += static_cast<acc_t>(x[d + l]) * static_cast<acc_t>(y[d + l]);
+  for (int64_t l = 0; d < hi; ++d, ++l) a[l] += static_cast<acc_t>(x[d]) * static_cast<acc_t>(y[d]);
+  *out = sum_lanes(a);
+}
+DEQ_EXT_CPU_CLONES(template <typename scalar_t DEQ_EXT_COMMA typename acc_t>, dot_into,
+                   (const scalar_t* x, const scalar_t* y, int64_t lo, int64_t hi, acc_t* out),
+                   (x, y, lo, hi, out))
+
+template <typename scalar_t, typename acc_t>
+acc_t dot(const scalar_t* x, const scalar_t* y, int64_t lo, int64_t hi) {
+  acc_t out;
+  dot_into(x, y, lo, hi, &out);
+  return out;
 }
 
 }  // namespace deq_ext
