@@ -301,6 +301,24 @@ MUTANTS: tuple[Mutant, ...] = (
        "if history_dtype is not None and history_dtype not in NARROW_HISTORY:",
        "if False:",
        "tests/test_history_dtype.py::test_history_dtype_is_validated"),
+    _m("train-logs-abs-residual",
+       "metrics.jsonl logs the mean relative residual of each DEQ solve (Figure 2 right)",
+       "train/loop.py",
+       "s[key].rel_residual.double().mean()", "s[key].abs_residual.double().mean()",
+       "tests/train/test_layer_change.py::"
+       "test_solver_residuals_average_the_relative_residuals_of_each_solve"),
+    _m("figure4-no-depth",
+       "Figure 4 follows the unrolled model layer by layer",
+       "benchmarks/figure_data.py",
+       "        z = nxt\n", "",
+       "tests/benchmarks/test_figures.py::test_figure4_relative_change_shrinks_with_depth"),
+    _m("training-step-ratio-inverted",
+       "the training-step ratio is torchdeq's time over deq_ext's",
+       "benchmarks/training_step.py",
+       'r = ratio(median_s["torchdeq"], median_s["deq_ext"])',
+       'r = ratio(median_s["deq_ext"], median_s["torchdeq"])',
+       "tests/benchmarks/test_training_step.py::"
+       "test_quick_run_records_provenance_and_every_workload"),
 )
 
 

@@ -4,7 +4,9 @@ A :class:`Task` supplies the model, one training batch per step and an evaluatio
 does the rest: seeds, device, DistributedDataParallel under ``torchrun``, the optimizer (AdamW,
 Adam or SGD), learning-rate warmup and schedule, the shallow pretrain warm-up followed by the DEQ
 (or unrolled) mode, gradient clipping, bf16 autocast on GPU, checkpoints with resume, a JSON-lines
-metrics log and a progress bar with the loss and the mean solver iterations.
+metrics log (with the mean solver iterations and relative residuals of DEQ steps, and the last
+layer's relative change of unrolled ones) and a progress bar with the loss and the mean solver
+iterations.
 """
 
 from __future__ import annotations
@@ -138,6 +140,53 @@ def solver_iterations(model: nn.Module) -> dict[str, float]:
         if steps:
             out[name] = float(torch.stack(steps).mean())
     return out
+
+
+def solver_residuals(model: nn.Module) -> dict[str, float]:
+    """Mean relative residuals ``||f(z) - z|| / ||f(z)||`` of the last pass's forward and
+    backward solves (``fwd_res``, ``bwd_res``; nothing outside ``deq`` mode). Reads the device."""
+    stats = getattr(model.core, "solver_stats", [])
+    out: dict[str, float] = {}
+    for key, name in (("forward", "fwd_res"), ("backward", "bwd_res")):
+        res = [s[key].rel_residual.double().mean() for s in stats if key in s]
+        if res:
+            out[name] = float(torch.stack(res).mean())
+    return out
+
+
+class LayerChange:
+    """The unrolled model's change at its last layer, ``||z[L] - z[L-1]|| / ||z[L-1]||`` (per
+    sample, batch mean): the deep weight-tied counterpart of the DEQ's residual.
+
+    While entered, a forward hook on ``cell`` keeps the input and output of its latest call, so
+    enter it around the forward pass only: a checkpointed backward calls the cell again.
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        self.cell = cell
+        self.last: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.handle: Any = None
+
+    def __enter__(self) -> "LayerChange":
+        self.handle = self.cell.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.last = (args[0], output)
+
+    def value(self) -> Optional[float]:
+        """The change of the latest call; None before any call, or when that call started from
+        z = 0 (a depth-1 unroll has no layer-to-layer change)."""
+        if self.last is None:
+            return None
+        z, fz = (t.detach().double().flatten(1) for t in self.last)
+        norm = z.norm(dim=1)
+        if not bool((norm > 0).all()):
+            return None
+        return float(((fz - z).norm(dim=1) / norm).mean())
 
 
 def forward_f_rows(model: nn.Module) -> tuple[int, int]:
@@ -319,8 +368,14 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         if raw.core.modes.mode != mode:
             raw.set_mode(mode)
             bar.message(f"step {step}: mode {mode}")
-        with autocast():
+        logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        # On logged steps of the unrolled modes, the last layer's change (a hook on f).
+        change = LayerChange(raw.core.cell) if logged and mode != "deq" else None
+        hook: Any = change if change is not None else contextlib.nullcontext()
+        with autocast(), hook:
             loss = task.train_loss(model, step, rank, world)
+        layer_change = change.value() if change is not None else None
+        del change, hook  # the hook's z and f(z) are not kept past the forward pass
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip) if cfg.clip > 0
@@ -332,12 +387,16 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         losses.append(value)
         iters = solver_iterations(raw)
         bar.update(step, {"loss": value, **iters})
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if logged:
+            extra: dict[str, float] = solver_residuals(raw)
+            if layer_change is not None:
+                extra["layer_change"] = layer_change
             log.write({"event": "train", "step": step + 1, "loss": value,
                        "ppl": math.exp(min(value, 50.0)), "mode": mode,
                        "lr": lr,
                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                       **iters, "time": time.time() - t0, "peak_mem_mb": peak_memory_mb(device)})
+                       **iters, **extra, "time": time.time() - t0,
+                       "peak_mem_mb": peak_memory_mb(device)})
         if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
             checkpoint(step + 1)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
