@@ -69,10 +69,16 @@ def run_name(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(run_dir)) or run_dir
 
 
+def train_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The logged training steps in step order, one per step: a run restarted (or resumed)
+    in the same directory appends to its log, and its latest record of a step is the one kept."""
+    latest = {r["step"]: r for r in records if r.get("event") == "train"}
+    return [latest[step] for step in sorted(latest)]
+
+
 def iteration_series(records: list[dict[str, Any]]) -> dict[str, list[float]]:
     """``step``, ``fwd_iter`` and ``bwd_iter`` of the logged DEQ training steps."""
-    rows = [r for r in records if r.get("event") == "train" and r.get("mode") == "deq"
-            and "fwd_iter" in r]
+    rows = [r for r in train_records(records) if r.get("mode") == "deq" and "fwd_iter" in r]
     return {"step": [r["step"] for r in rows], "fwd_iter": [r["fwd_iter"] for r in rows],
             "bwd_iter": [r.get("bwd_iter") for r in rows]}
 
@@ -81,7 +87,7 @@ def residual_series(records: list[dict[str, Any]]) -> dict[str, dict[str, list[A
     """The logged DEQ steps' ``fwd_res``/``bwd_res`` (under ``deq``) and the unrolled steps'
     ``layer_change`` (under ``unrolled``; the shallow ``pretrain`` warm-up is left out); a key
     only when the run logged such steps."""
-    train = [r for r in records if r.get("event") == "train"]
+    train = train_records(records)
     deq = [r for r in train if r.get("mode") == "deq" and "fwd_res" in r]
     unrolled = [r for r in train if r.get("mode") == "unrolled" and "layer_change" in r]
     out: dict[str, dict[str, list[Any]]] = {}

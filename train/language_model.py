@@ -26,6 +26,7 @@ from .config import TrainConfig, parse_config
 from .data_lm import Corpus, batchify, n_segments, segment, unigram_perplexity
 from .loop import Task, init_distributed, seed_everything, train
 from .model_options import model_options
+from .records import run_record, write_record
 
 
 @dataclass
@@ -47,6 +48,8 @@ class LMRunConfig(TrainConfig):
         eval_segments: segments evaluated at intermediate evaluations (0: all; the final
             evaluation always reads the whole splits).
         dropout: the core's variational dropout rate; None: the preset's.
+        results: write a JSON summary of the run here (command, device, versions,
+            configuration, final valid/test perplexity and the unigram baseline).
     """
 
     amp: str = "off"  # float32, as the authors trained (bf16's rounding floors the residual)
@@ -68,6 +71,7 @@ class LMRunConfig(TrainConfig):
     model: Optional[dict] = None
     epochs: int = 0
     lr_decay_epochs: str = ""
+    results: Optional[str] = None
 
 
 class LMTask(Task):
@@ -190,6 +194,10 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
         print(f"final valid ppl {final['valid_ppl']:.2f}, test ppl {final['test_ppl']:.2f} "
               f"(unigram baseline {summary['unigram_test_ppl']:.2f}), "
               f"wall {summary['wall_s']:.1f}s", flush=True)
+        if cfg.results is not None:
+            summary["params"] = n_params
+            write_record(cfg.results, run_record("train.language_model", cfg, summary, device,
+                                                 argv, unigram_test_ppl=summary["unigram_test_ppl"]))
     return summary
 
 

@@ -139,3 +139,15 @@ def test_missing_checkpoint_and_missing_runs_are_clear_errors(tmp_path):
         figures.main(["--figure", "2"])  # Figure 2 needs RUN_DIRs (argparse error, exit 2)
     with pytest.raises(SystemExit):
         figures.main([])
+
+
+def test_a_restarted_runs_repeated_steps_count_once():
+    from benchmarks.figures import residual_series
+
+    first = [{"event": "train", "step": k, "mode": "unrolled", "layer_change": 1.0 / k}
+             for k in (1, 2)]
+    again = [{"event": "train", "step": k, "mode": "unrolled", "layer_change": 2.0 / k}
+             for k in (1, 2, 3)]
+    series = residual_series(first + again)["unrolled"]
+    assert series["step"] == [1, 2, 3]
+    assert series["layer_change"] == [2.0, 1.0, 2.0 / 3]

@@ -52,12 +52,16 @@ def test_cpu_preset_pipeline_beats_the_unigram_perplexity_by_half(tmp_path):
         "--config", str(CPU_RECIPE), "--data", data, "--out-dir", str(tmp_path / "run"),
         "--steps", "60", "--pretrain-steps", "10", "--lr-warmup", "5", "--batch-size", "4",
         "--tgt-len", "16", "--eval-tgt-len", "16", "--eval-batch-size", "4",
-        "--eval-every", "0", "--threads", "1",
+        "--eval-every", "0", "--threads", "1", "--results", str(tmp_path / "results.json"),
         "--model.d_embed", "32", "--model.core.d_model", "32", "--model.core.d_head", "16",
         "--model.core.d_inner", "64"])
     final = summary["final"]
     assert final["test_ppl"] < unigram / 2, (final["test_ppl"], unigram)
     assert summary["unigram_test_ppl"] == unigram
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["command"].startswith("python -m train.language_model --config")
+    assert record["final_test"]["test_ppl"] == final["test_ppl"]
+    assert record["unigram_test_ppl"] == unigram and record["params"] > 0
 
 
 def test_the_training_loss_includes_ar_and_tar(tmp_path):
