@@ -319,6 +319,17 @@ MUTANTS: tuple[Mutant, ...] = (
        'r = ratio(median_s["deq_ext"], median_s["torchdeq"])',
        "tests/benchmarks/test_training_step.py::"
        "test_quick_run_records_provenance_and_every_workload"),
+    _m("plateau-inverted",
+       "the plateau schedule anneals when the loss rises above the earlier best",
+       "train/loop.py",
+       "and loss > min(past) and", "and loss < min(past) and",
+       "tests/train/test_config.py::"
+       "test_plateau_anneals_when_the_loss_is_above_the_best_before_the_patience_window"),
+    _m("plateau-a-step-late",
+       "an annealing evaluation lowers the rate of the very next step",
+       "train/loop.py",
+       "group[\"lr\"] *= cfg.lr_decay", "group[\"lr\"] *= 1.0",
+       "tests/train/test_config.py::test_a_run_with_the_plateau_schedule_anneals_and_logs_it"),
 )
 
 

@@ -29,11 +29,17 @@ class TrainConfig:
         lr: the peak learning rate.
         weight_decay: the optimizer's weight decay.
         lr_warmup: steps of linear learning-rate warmup.
-        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear``, ``constant`` or ``step``
-            (multiply by ``lr_decay`` at each step of ``lr_decay_at``) after warmup.
+        schedule: ``cosine`` (to ``min_lr_ratio * lr``), ``linear``, ``constant``, ``step``
+            (multiply by ``lr_decay`` at each step of ``lr_decay_at``) or ``plateau`` (multiply
+            by ``lr_decay`` at an evaluation whose loss is above the best one from before the
+            last ``plateau_patience`` evaluations, while the rate is above ``plateau_min_lr``:
+            TrellisNet's PTB annealing) after warmup.
         min_lr_ratio: the cosine schedule's final learning rate, as a fraction of ``lr``.
         lr_decay_at: the ``step`` schedule's milestones: comma-separated step numbers.
-        lr_decay: the ``step`` schedule's factor at each milestone.
+        lr_decay: the ``step`` schedule's factor at each milestone (``plateau``: at each
+            plateau).
+        plateau_patience: evaluations the ``plateau`` schedule looks back past.
+        plateau_min_lr: the ``plateau`` schedule anneals only while the rate is above this.
         clip: gradient-norm clipping threshold (<= 0: off).
         pretrain_steps: the first steps run the shallow ``pretrain`` mode (paper, Appendix E),
             then the model switches to ``mode``.
@@ -64,6 +70,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     lr_decay_at: str = ""
     lr_decay: float = 0.1
+    plateau_patience: int = 10
+    plateau_min_lr: float = 0.02
     clip: float = 1.0
     pretrain_steps: int = 0
     mode: str = "deq"
@@ -81,7 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("deq", "unrolled"):
             raise ValueError(f"mode must be 'deq' or 'unrolled', got {self.mode!r}")
-        if self.schedule not in ("cosine", "linear", "constant", "step"):
+        if self.schedule not in ("cosine", "linear", "constant", "step", "plateau"):
             raise ValueError(f"unknown schedule {self.schedule!r}")
         if self.optimizer not in ("adamw", "adam", "sgd"):
             raise ValueError(f"optimizer must be adamw, adam or sgd, got {self.optimizer!r}")
@@ -96,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"amp must be auto, on or off, got {self.amp!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be >= 1")
+        if self.plateau_patience < 0:
+            raise ValueError(f"plateau_patience must be >= 0, got {self.plateau_patience}")
 
 
     @property

@@ -110,7 +110,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then the schedule."""
     if step < cfg.lr_warmup:
         return (step + 1) / cfg.lr_warmup
-    if cfg.schedule == "constant":
+    if cfg.schedule in ("constant", "plateau"):  # plateau: PlateauAnnealing's factor on top
         return 1.0
     if cfg.schedule == "step":
         return cfg.lr_decay ** sum(step >= m for m in cfg.milestones)
@@ -119,6 +119,34 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "linear":
         return 1.0 - (1.0 - cfg.min_lr_ratio) * done
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+class PlateauAnnealing:
+    """The ``plateau`` schedule's factor, moved by evaluations (TrellisNet's PTB rule): an
+    evaluation whose loss is above the best of those before the last ``plateau_patience`` ones
+    multiplies the rate by ``lr_decay``, while the rate is above ``plateau_min_lr``. Other
+    schedules keep the factor at 1. Its state goes into checkpoints."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.factor = 1.0
+        self.losses: list[float] = []
+
+    def observe(self, loss: float) -> bool:
+        """Record an evaluation's loss; True when it annealed the rate."""
+        cfg, past = self.cfg, self.losses[:len(self.losses) - self.cfg.plateau_patience]
+        anneal = (cfg.schedule == "plateau" and len(self.losses) > cfg.plateau_patience
+                  and loss > min(past) and cfg.lr * self.factor > cfg.plateau_min_lr)
+        if anneal:
+            self.factor *= cfg.lr_decay
+        self.losses.append(loss)
+        return anneal
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.factor, self.losses = float(state["factor"]), list(state["losses"])
 
 
 def make_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
@@ -305,7 +333,8 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda"
                                         else None)
     opt = make_optimizer(cfg, raw.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    plateau = PlateauAnnealing(cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg) * plateau.factor)
     start = 0
     main = rank == 0
     resume = resolve_resume(cfg)
@@ -314,6 +343,8 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if "plateau" in ckpt:  # absent in checkpoints from before the plateau schedule
+            plateau.load_state_dict(ckpt["plateau"])
         task_state = ckpt["task"]  # one per rank (a single dict in older checkpoints)
         if isinstance(task_state, list):
             task_state = task_state[min(rank, len(task_state) - 1)]
@@ -344,7 +375,8 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
             dist.all_gather_object(states, mine)
         if cfg.out_dir is not None and main:
             save_checkpoint(os.path.join(cfg.out_dir, "last.pt"), model=raw.state_dict(),
-                            optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step,
+                            optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            plateau=plateau.state_dict(), step=step,
                             rng=[s[0] for s in states], task=[s[1] for s in states],
                             config=asdict(cfg))
 
@@ -356,6 +388,12 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
                 for key, value in task.evaluate(split, final).items():
                     record[f"{split}_{key}"] = value
         raw.train()
+        watched = record.get(f"{task.eval_splits[0]}_loss")  # the plateau schedule's signal
+        if watched is not None and plateau.observe(float(watched)):
+            # The scheduler already set the next step's rate: anneal it too.
+            for group in opt.param_groups:
+                group["lr"] *= cfg.lr_decay
+            record["lr_annealed_to"] = opt.param_groups[0]["lr"]
         record.update(time=time.time() - t0, peak_mem_mb=peak_memory_mb(device))
         log.write({"event": "eval", **record})
         bar.message("eval " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
@@ -381,7 +419,7 @@ def train(cfg: TrainConfig, task: Task, rank: int, world: int, device: torch.dev
         grad_norm = (nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip) if cfg.clip > 0
                      else None)
         opt.step()
-        lr = sched.get_last_lr()[0]  # the rate this step used, before the schedule moves on
+        lr = opt.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         sched.step()
         value = float(loss.detach())
         losses.append(value)

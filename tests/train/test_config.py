@@ -8,7 +8,7 @@ import pytest
 
 from train.config import TrainConfig, field_docs, parse_config
 from train.copy_memory import PRESETS, CopyConfig
-from train.loop import lr_factor
+from train.loop import PlateauAnnealing, lr_factor
 
 
 def test_precedence_defaults_preset_file_flags(tmp_path) -> None:
@@ -51,6 +51,46 @@ def test_schedule_warmup_then_cosine() -> None:
     lin = TrainConfig(steps=10, schedule="linear", min_lr_ratio=0.0)
     assert lr_factor(5, lin) == pytest.approx(0.5)
     assert lr_factor(3, TrainConfig(schedule="constant")) == 1.0
+
+
+def test_plateau_anneals_when_the_loss_is_above_the_best_before_the_patience_window() -> None:
+    cfg = TrainConfig(schedule="plateau", lr=1.0, lr_decay=0.25, plateau_patience=2,
+                      plateau_min_lr=0.1)
+    plateau = PlateauAnnealing(cfg)
+    # Too few evaluations to look back past the window: never anneals.
+    assert [plateau.observe(x) for x in (5.0, 4.0, 6.0)] == [False, False, False]
+    assert plateau.observe(3.0) is False        # below the best of [5.0]
+    assert plateau.observe(4.5) is True         # above min(5.0, 4.0): a plateau
+    assert plateau.factor == 0.25
+    assert plateau.observe(9.0) is True and plateau.factor == 0.0625
+    assert plateau.observe(9.0) is False        # the rate (0.0625) is at its floor (0.1)
+    again = PlateauAnnealing(cfg)
+    again.load_state_dict(plateau.state_dict())
+    assert (again.factor, again.losses) == (plateau.factor, plateau.losses)
+    # Other schedules watch but never anneal.
+    assert not any(PlateauAnnealing(TrainConfig()).observe(x) for x in (1.0, 2.0, 3.0) * 5)
+    with pytest.raises(ValueError, match="plateau_patience"):
+        TrainConfig(plateau_patience=-1)
+
+
+def test_a_run_with_the_plateau_schedule_anneals_and_logs_it(tmp_path) -> None:
+    from train.copy_memory import main
+
+    out = tmp_path / "run"
+    main(["--preset", "tiny", "--steps", "12", "--eval-every", "1", "--schedule", "plateau",
+          "--plateau-patience", "0", "--lr-decay", "0.5", "--plateau-min-lr", "0",
+          "--lr-warmup", "0", "--log-every", "1", "--out-dir", str(out), "--progress", "false"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    annealed = [r for r in evals if "lr_annealed_to" in r]
+    assert annealed, "no evaluation annealed the rate"
+    # An annealing evaluation after step k halves the rate of step k + 1 already.
+    lr = {r["step"]: r["lr"] for r in records if r["event"] == "train"}
+    first = annealed[0]
+    k = first["step"]
+    assert k + 1 in lr, "the annealing came at the last step"
+    assert lr[k + 1] == pytest.approx(0.5 * lr[k])
+    assert first["lr_annealed_to"] == pytest.approx(lr[k + 1])
 
 
 @pytest.mark.parametrize("script", ["train.copy_memory", "train.language_model"])
