@@ -46,6 +46,8 @@ from deq_ext.bench.env import (
 )
 from deq_ext.bench.problem import Problem
 
+from .history_size import MDEQ_F, hard_mdeq
+
 HISTORIES = {"state": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Solve = Callable[[Optional[torch.dtype]], deq_ext.SolverResult]
 
@@ -91,13 +93,8 @@ def problem_case(kind: str, device: str, quick: bool) -> dict[str, Any]:
 
 def mdeq_case(quick: bool, max_iter: int = 100, tol: float = 1e-11) -> dict[str, Any]:
     """The hard solve of benchmarks.history_size: the image DEQ, float64, relative 1e-11."""
-    from models import MDEQClassifier, MDEQConfig, ModeConfig
-
-    torch.manual_seed(0)
-    model = MDEQClassifier(MDEQConfig(channels=(4, 8), groups=2), ModeConfig()).double().eval()
+    model = hard_mdeq()
     with torch.no_grad():
-        for norm in model.core.cell.post:
-            norm.weight.mul_(0.25)
         gen = torch.Generator().manual_seed(0)
         batch = 3 if quick else 9
         inj = model.injection(torch.randn(batch, 1, 8, 8, generator=gen, dtype=torch.float64))
@@ -110,8 +107,7 @@ def mdeq_case(quick: bool, max_iter: int = 100, tol: float = 1e-11) -> dict[str,
             last["res"] = res
             return res
 
-        info = {"problem": {"kind": "mdeq", "f": "models.mdeq cell, channels (4, 8), GroupNorm "
-                            "gains x0.25, random images"}, "state_dtype": "torch.float64",
+        info = {"problem": {"kind": "mdeq", "f": MDEQ_F}, "state_dtype": "torch.float64",
                 "dim": int(z0.shape[1]), "max_iter": max_iter, "residual": "relative"}
         return steps_case("mdeq (hard)", solve, lambda z: last["res"].rel_residual, tol, info)
 

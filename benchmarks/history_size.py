@@ -89,11 +89,12 @@ def sweep_copy_memory(run_dir: str, memories: tuple[int, ...], quick: bool,
             "rows": rows}
 
 
-def sweep_mdeq(memories: tuple[int, ...], quick: bool, seeds: tuple[int, ...] = (0, 3, 5),
-               max_iter: int = 100, tol: float = 1e-11) -> dict[str, Any]:
-    """A hard solve: the image DEQ (models/mdeq.py, small, float64, its cell scaled to contract)
-    on random 8x8 images to a relative residual of 1e-11, which takes ~40 Broyden steps with the
-    whole history. Every seed is a batch of 3."""
+MDEQ_F = "models.mdeq cell, channels (4, 8), GroupNorm gains x0.25, random images"
+
+
+def hard_mdeq() -> Any:
+    """The image DEQ of the hard solve (models/mdeq.py, small, float64, eval mode), its
+    GroupNorm gains scaled by 0.25 so that its cell contracts (see :data:`MDEQ_F`)."""
     from models import MDEQClassifier, MDEQConfig, ModeConfig
 
     torch.manual_seed(0)
@@ -101,6 +102,15 @@ def sweep_mdeq(memories: tuple[int, ...], quick: bool, seeds: tuple[int, ...] = 
     with torch.no_grad():
         for norm in model.core.cell.post:
             norm.weight.mul_(0.25)
+    return model
+
+
+def sweep_mdeq(memories: tuple[int, ...], quick: bool, seeds: tuple[int, ...] = (0, 3, 5),
+               max_iter: int = 100, tol: float = 1e-11) -> dict[str, Any]:
+    """A hard solve: the image DEQ (:func:`hard_mdeq`) on random 8x8 images to a relative
+    residual of 1e-11, which takes ~40 Broyden steps with the whole history. Every seed is a
+    batch of 3."""
+    model = hard_mdeq()
     cases = [m for m in memories if m <= max_iter] + ([] if max_iter in memories else [max_iter])
     rows = []
     with torch.no_grad():
@@ -120,8 +130,7 @@ def sweep_mdeq(memories: tuple[int, ...], quick: bool, seeds: tuple[int, ...] = 
                          "max_abs_residual": worst})
             progress(f"mdeq m={m}: steps {rows[-1]['nstep_mean']:.1f} mean, "
                      f"{conv}/{len(steps)} converged")
-    return {"problem": {"kind": "mdeq", "f": "models.mdeq cell, channels (4, 8), GroupNorm "
-                        "gains x0.25, random images", "residual": "relative (max_abs_residual "
+    return {"problem": {"kind": "mdeq", "f": MDEQ_F, "residual": "relative (max_abs_residual "
                         "holds the largest relative one)"},
             "dtype": "float64", "batch": rows[0]["batch"], "dim": model.core.cell.layout.dim,
             "max_iter": max_iter, "tol": tol, "stop_mode": "rel", "rows": rows}
