@@ -46,7 +46,7 @@ from deq_ext.bench.env import (
 )
 from deq_ext.bench.problem import Problem
 
-from .history_size import MDEQ_F, hard_mdeq
+from .history_size import MDEQ_F, hard_mdeq, steps_lines
 
 HISTORIES = {"state": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Solve = Callable[[Optional[torch.dtype]], deq_ext.SolverResult]
@@ -177,10 +177,7 @@ def format_table(results: dict[str, Any]) -> str:
     for c in results["cases"]:
         lines.append(f"\n{c['case']}, state {c['state_dtype']}, D={c['dim']}, "
                      f"max_iter {c['max_iter']}, tol {c['tol']:g}")
-        lines.append(f"  {'history':>9}{'steps mean':>12}{'max':>6}{'converged':>11}{'max resid':>12}")
-        for r in c["rows"]:
-            lines.append(f"  {r['history']:>9}{r['nstep_mean']:>12.1f}{r['nstep_max']:>6}"
-                         f"{r['converged']:>6}/{r['batch']:<4}{r['max_residual']:>12.2e}")
+        lines += steps_lines(c["rows"], "history", "history", "max_residual", width=9)
     t = results.get("timing")
     if t:
         s = t["passes_sizes"]

@@ -155,15 +155,22 @@ def recommend(cases: list[dict[str, Any]], slack: float) -> Optional[int]:
     return None
 
 
+def steps_lines(rows: list[dict[str, Any]], label: str, key: str, resid_key: str,
+                width: int) -> list[str]:
+    """A steps-to-tolerance table: its header, then one line per row (``row[key]`` first)."""
+    lines = [f"  {label:>{width}}{'steps mean':>12}{'max':>6}{'converged':>11}{'max resid':>12}"]
+    for r in rows:
+        lines.append(f"  {r[key]:>{width}}{r['nstep_mean']:>12.1f}{r['nstep_max']:>6}"
+                     f"{r['converged']:>6}/{r['batch']:<4}{r[resid_key]:>12.2e}")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"Broyden steps against history size m ({results['device']})"]
     for c in results["cases"]:
         lines.append(f"\n{c['problem']['kind']} f, {c['dtype']}, B={c['batch']} D={c['dim']}, "
                      f"max_iter {c['max_iter']}, tol {c['tol']:g} ({c.get('stop_mode', 'abs')})")
-        lines.append(f"  {'m':>4}{'steps mean':>12}{'max':>6}{'converged':>11}{'max resid':>12}")
-        for r in c["rows"]:
-            lines.append(f"  {r['memory']:>4}{r['nstep_mean']:>12.1f}{r['nstep_max']:>6}"
-                         f"{r['converged']:>6}/{r['batch']:<4}{r['max_abs_residual']:>12.2e}")
+        lines += steps_lines(c["rows"], "m", "memory", "max_abs_residual", width=4)
     rec = results["recommended_memory"]
     lines.append(f"\nrecommended default history size (within {results['slack']:.0%} of the full "
                  f"history's mean steps everywhere): {rec}")
