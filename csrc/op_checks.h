@@ -26,8 +26,8 @@ struct CpuKernels {
                           double tau) {
     fixed_point_step_cpu(z, g, status, tau);
   }
-  static void store(const AndersonArgs& t) { anderson_store_cpu(t); }
-  static void mix(const AndersonArgs& t, double beta, double lam) { anderson_mix_cpu(t, beta, lam); }
+  static void store(const AndersonArgs& t, double lam) { anderson_store_cpu(t, lam); }
+  static void mix(const AndersonArgs& t, double beta) { anderson_mix_cpu(t, beta); }
 };
 
 struct CudaKernels {
@@ -40,10 +40,8 @@ struct CudaKernels {
                           double tau) {
     fixed_point_step_cuda(z, g, status, tau);
   }
-  static void store(const AndersonArgs& t) { anderson_store_cuda(t); }
-  static void mix(const AndersonArgs& t, double beta, double lam) {
-    anderson_mix_cuda(t, beta, lam);
-  }
+  static void store(const AndersonArgs& t, double lam) { anderson_store_cuda(t, lam); }
+  static void mix(const AndersonArgs& t, double beta) { anderson_mix_cuda(t, beta); }
 };
 
 namespace checks {
@@ -80,30 +78,97 @@ inline void check_state_dtype(const at::Tensor& z) {
   TORCH_CHECK(z.dim() == 2, "deq_ext: the solver state must be (B, D), got ", z.sizes());
 }
 
-inline HistoryArgs check_history(const at::Tensor& U, const at::Tensor& V, const at::Tensor& dz,
+// The CUDA kernels' scratch: a flat float64 buffer of partial sums (undefined for an op that
+// needs none) and int32 block counters. Their sizes are checked by the CUDA host code, which
+// knows its chunking.
+inline void check_scratch(const at::Tensor& partials, const at::Tensor& tickets,
+                          const at::Tensor& like) {
+  check_same_device({{"tickets", &tickets}, {"state", &like}});
+  if (partials.defined()) {
+    check_same_device({{"partials", &partials}, {"state", &like}});
+    TORCH_CHECK(partials.dim() == 1 && partials.scalar_type() == at::kDouble,
+                "deq_ext: 'partials' must be a 1-d float64 tensor, got ", partials.sizes(), " ",
+                partials.scalar_type());
+  }
+  TORCH_CHECK(tickets.dim() == 1 && tickets.scalar_type() == at::kInt,
+              "deq_ext: 'tickets' must be a 1-d int32 tensor, got ", tickets.sizes(), " ",
+              tickets.scalar_type());
+}
+
+// A history list: 1..kMaxHistoryChunks contiguous (B, C, D) chunks of one dtype, on the state's
+// device. Returns the list as a vector.
+inline std::vector<at::Tensor> check_chunks(const char* name, at::TensorList list,
+                                            const at::Tensor& state) {
+  TORCH_CHECK(!list.empty() && list.size() <= static_cast<size_t>(kMaxHistoryChunks),
+              "deq_ext: '", name, "' must be a list of 1 to ", kMaxHistoryChunks,
+              " history chunks, got ", list.size());
+  const at::Tensor& first = list.front();
+  const int64_t B = state.size(0), D = state.size(1);
+  TORCH_CHECK(first.dim() == 3 && first.size(0) == B && first.size(1) >= 1 && first.size(2) == D,
+              "deq_ext: every chunk of '", name, "' must have shape (B, C, D) = (", B,
+              ", C >= 1, ", D, "), got ", first.sizes());
+  TORCH_CHECK(first.scalar_type() == state.scalar_type() || first.scalar_type() == at::kHalf ||
+                  first.scalar_type() == at::kBFloat16,
+              "deq_ext: '", name, "' has dtype ", first.scalar_type(), ", expected ",
+              state.scalar_type(), " (the state dtype), float16 or bfloat16");
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& c = list[i];
+    // Every chunk has C slots but the last, which may have fewer (a ring of exactly m).
+    const bool last = i + 1 == list.size();
+    TORCH_CHECK(c.dim() == 3 && c.size(0) == B && c.size(2) == D && c.size(1) >= 1 &&
+                    (last ? c.size(1) <= first.size(1) : c.size(1) == first.size(1)) &&
+                    c.scalar_type() == first.scalar_type(),
+                "deq_ext: the chunks of '", name, "' must be (B, C, D) of one dtype, the last "
+                "one with at most C slots; got ", first.sizes(), " ", first.scalar_type(),
+                " and ", c.sizes(), " ", c.scalar_type());
+    TORCH_CHECK(c.device() == state.device(), "deq_ext: '", name, "' is on ", c.device(),
+                " but the state is on ", state.device());
+    TORCH_CHECK(c.is_contiguous(), "deq_ext: the chunks of '", name, "' must be contiguous");
+  }
+  return list.vec();
+}
+
+inline void check_ring_length(int64_t m) {
+  TORCH_CHECK(m >= 1, "deq_ext: the ring length m must be >= 1, got ", m);
+}
+
+// Every active sample's live slots (the first `live(count)` of the ring) must be allocated.
+// Read where the counters live on the host (CPU kernels, the emulation); on a GPU the solver
+// guarantees it and the kernels never index past the allocated chunks.
+template <typename Live>
+inline void check_capacity(const char* what, const at::Tensor& count, const at::Tensor& status,
+                           int64_t capacity, const Live& live) {
+  if (!count.is_cpu()) return;
+  const int64_t* n = count.data_ptr<int64_t>();
+  const int64_t* s = status.data_ptr<int64_t>();
+  for (int64_t b = 0; b < count.size(0); ++b)
+    TORCH_CHECK(s[b] != kActive || live(n[b]) <= capacity, "deq_ext: sample ", b, " has ", what,
+                " = ", n[b], ", which needs ", live(n[b]), " history slots, but only ",
+                capacity, " are allocated");
+}
+
+inline HistoryArgs check_history(at::TensorList U, at::TensorList V, const at::Tensor& dz,
                                  const at::Tensor& dg, const at::Tensor& g, const at::Tensor& z,
                                  const at::Tensor& proj, const at::Tensor& scal,
-                                 const at::Tensor& status, const at::Tensor& npairs) {
-  check_same_device({{"U", &U}, {"V", &V}, {"dz", &dz}, {"dg", &dg}, {"g", &g}, {"z", &z},
-                     {"proj", &proj}, {"scal", &scal}, {"status", &status},
-                     {"npairs", &npairs}});
+                                 const at::Tensor& status, const at::Tensor& npairs,
+                                 const at::Tensor& partials, const at::Tensor& tickets,
+                                 int64_t m) {
+  check_same_device({{"dz", &dz}, {"dg", &dg}, {"g", &g}, {"z", &z}, {"proj", &proj},
+                     {"scal", &scal}, {"status", &status}, {"npairs", &npairs}});
   check_state_dtype(dz);
-  TORCH_CHECK(U.dim() == 3 && U.size(0) == dz.size(0) && U.size(2) == dz.size(1) && U.size(1) >= 1,
-              "deq_ext: 'U' must have shape (B, m, D) = (", dz.size(0), ", m >= 1, ", dz.size(1),
-              "), got ", U.sizes());
-  check_state("V", V, U);
+  check_ring_length(m);
+  std::vector<at::Tensor> u = check_chunks("U", U, dz), v = check_chunks("V", V, dz);
+  TORCH_CHECK(u.size() == v.size() && u.front().sizes() == v.front().sizes() &&
+                  u.back().sizes() == v.back().sizes() &&
+                  u.front().scalar_type() == v.front().scalar_type(),
+              "deq_ext: 'U' and 'V' must have the same chunks (number, shape, dtype)");
   check_state("dg", dg, dz);
   check_state("g", g, dz);
   check_state("z", z, dz);
-  // The history may be stored narrower than the state (see dispatch_history in ops.h).
-  TORCH_CHECK(U.scalar_type() == dz.scalar_type() || U.scalar_type() == at::kHalf ||
-                  U.scalar_type() == at::kBFloat16,
-              "deq_ext: 'U' has dtype ", U.scalar_type(), ", expected ", dz.scalar_type(),
-              " (the state dtype), float16 or bfloat16");
-  const int64_t B = U.size(0), m = U.size(1);
+  const int64_t B = dz.size(0);
   TORCH_CHECK(proj.scalar_type() == dz.scalar_type() && proj.dim() == 3 && proj.size(0) == B &&
                   proj.size(1) == 3 && proj.size(2) == m,
-              "deq_ext: 'proj' must be (", B, ", 3, ", m, ") of the state dtype, got ",
+              "deq_ext: 'proj' must be (", B, ", 3, m=", m, ") of the state dtype, got ",
               proj.sizes(), " ", proj.scalar_type());
   TORCH_CHECK(scal.scalar_type() == dz.scalar_type() && scal.dim() == 2 && scal.size(0) == B &&
                   scal.size(1) == kNumScalars,
@@ -111,32 +176,43 @@ inline HistoryArgs check_history(const at::Tensor& U, const at::Tensor& V, const
               ") of the state dtype, got ", scal.sizes(), " ", scal.scalar_type());
   check_per_sample("status", status, B, at::kLong);
   check_per_sample("npairs", npairs, B, at::kLong);
-  return HistoryArgs{U, V, dz, dg, g, z, proj, scal, status, npairs};
+  check_scratch(partials, tickets, dz);
+  return HistoryArgs{std::move(u), std::move(v), dz, dg, g, z, proj, scal, status, npairs,
+                     partials, tickets, m};
 }
 
-// Checks the history shared by both Anderson ops; z and g are (B, D) state.
-inline void check_anderson(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
-                           const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
-                           const at::Tensor& nhist) {
-  check_same_device({{"X", &X}, {"G", &G}, {"gram", &gram}, {"z", &z}, {"g", &g},
-                     {"status", &status}, {"nhist", &nhist}});
+// Checks the history shared by both Anderson ops; z (and g, when given) are (B, D) state.
+inline AndersonArgs check_anderson(at::TensorList X, at::TensorList G, const at::Tensor& z,
+                                   const at::Tensor& status, const at::Tensor& nhist,
+                                   const at::Tensor& alpha, int64_t m) {
+  check_same_device({{"z", &z}, {"status", &status}, {"nhist", &nhist}, {"alpha", &alpha}});
   check_state_dtype(z);
-  check_state("g", g, z);
-  TORCH_CHECK(X.dim() == 3 && X.size(0) == z.size(0) && X.size(2) == z.size(1) && X.size(1) >= 1,
-              "deq_ext: 'X' must have shape (B, m, D) = (", z.size(0), ", m >= 1, ", z.size(1),
-              "), got ", X.sizes());
-  TORCH_CHECK(X.scalar_type() == z.scalar_type() || X.scalar_type() == at::kHalf ||
-                  X.scalar_type() == at::kBFloat16,
-              "deq_ext: 'X' has dtype ", X.scalar_type(), ", expected ", z.scalar_type(),
-              " (the state dtype), float16 or bfloat16");
-  check_state("G", G, X);
-  const int64_t B = X.size(0), m = X.size(1);
-  TORCH_CHECK(gram.scalar_type() == z.scalar_type() && gram.dim() == 3 && gram.size(0) == B &&
-                  gram.size(1) == m && gram.size(2) == m,
-              "deq_ext: 'gram' must be (", B, ", ", m, ", ", m, ") of the state dtype, got ",
-              gram.sizes(), " ", gram.scalar_type());
+  check_ring_length(m);
+  std::vector<at::Tensor> x = check_chunks("X", X, z), gs = check_chunks("G", G, z);
+  TORCH_CHECK(x.size() == gs.size() && x.front().sizes() == gs.front().sizes() &&
+                  x.back().sizes() == gs.back().sizes() &&
+                  x.front().scalar_type() == gs.front().scalar_type(),
+              "deq_ext: 'X' and 'G' must have the same chunks (number, shape, dtype)");
+  const int64_t B = z.size(0);
+  TORCH_CHECK(alpha.scalar_type() == z.scalar_type() && alpha.dim() == 2 && alpha.size(0) == B &&
+                  alpha.size(1) == m,
+              "deq_ext: 'alpha' must be (", B, ", m=", m, ") of the state dtype, got ",
+              alpha.sizes(), " ", alpha.scalar_type());
   check_per_sample("status", status, B, at::kLong);
   check_per_sample("nhist", nhist, B, at::kLong);
+  AndersonArgs t;
+  t.X = std::move(x);
+  t.G = std::move(gs);
+  t.z = z;
+  t.alpha = alpha;
+  t.status = status;
+  t.nhist = nhist;
+  t.m = m;
+  return t;
+}
+
+inline int64_t capacity_of(const std::vector<at::Tensor>& chunks) {
+  return static_cast<int64_t>(chunks.size() - 1) * chunks.front().size(1) + chunks.back().size(1);
 }
 
 }  // namespace checks
@@ -148,19 +224,23 @@ struct CheckedOps {
                                const at::Tensor& best_abs, const at::Tensor& best_rel,
                                const at::Tensor& res_abs, const at::Tensor& res_rel,
                                const at::Tensor& status, const at::Tensor& nstep,
-                               const at::Tensor& nfev, const at::Tensor& stall, double tol,
-                               bool use_rel, int64_t stall_patience, double diverge_ratio,
-                               bool count_step, bool freeze_converged) {
+                               const at::Tensor& nfev, const at::Tensor& stall,
+                               const at::Tensor& counts, const at::Tensor& partials,
+                               const at::Tensor& tickets, double tol, bool use_rel,
+                               int64_t stall_patience, double diverge_ratio, bool count_step,
+                               bool freeze_converged) {
     using namespace checks;
     check_same_device({{"fz", &fz}, {"z", &z}, {"g", &g}, {"dg", &dg}, {"z_best", &z_best},
                        {"best_abs", &best_abs}, {"best_rel", &best_rel}, {"res_abs", &res_abs},
                        {"res_rel", &res_rel}, {"status", &status}, {"nstep", &nstep},
-                       {"nfev", &nfev}, {"stall", &stall}});
+                       {"nfev", &nfev}, {"stall", &stall}, {"counts", &counts}});
     check_state_dtype(z);
     TORCH_CHECK(at::isFloatingType(fz.scalar_type()),
                 "deq_ext: 'fz' must be floating point, got ", fz.scalar_type());
-    TORCH_CHECK(fz.sizes() == z.sizes(), "deq_ext: 'fz' has shape ", fz.sizes(), ", expected ",
-                z.sizes());
+    // Any (B, ...) shape with D values per sample: f's output is passed as it comes.
+    TORCH_CHECK(fz.dim() >= 1 && fz.size(0) == z.size(0) && fz.numel() == z.numel(),
+                "deq_ext: 'fz' has shape ", fz.sizes(), ", expected (", z.size(0),
+                ", ...) with ", z.size(1), " values per sample");
     check_state("g", g, z);
     check_state("dg", dg, z);
     check_state("z_best", z_best, z);
@@ -171,32 +251,47 @@ struct CheckedOps {
     for (auto [name, t] :
          {std::pair{"status", &status}, {"nstep", &nstep}, {"nfev", &nfev}, {"stall", &stall}})
       check_per_sample(name, *t, B, at::kLong);
+    check_per_sample("counts", counts, kNumCounts, at::kLong);
+    check_scratch(partials, tickets, z);
     TORCH_CHECK(tol > 0 && std::isfinite(tol), "deq_ext: tol must be positive and finite, got ",
                 tol);
     TORCH_CHECK(diverge_ratio > 0, "deq_ext: diverge_ratio must be positive, got ",
                 diverge_ratio);
-    if (B == 0 || z.size(1) == 0) return;
+    if (B == 0 || z.size(1) == 0) {
+      counts.zero_();
+      return;
+    }
     Kernels::residual_status(
         ResidualArgs{fz, z, g, dg, z_best, best_abs, best_rel, res_abs, res_rel, status, nstep,
-                     nfev, stall},
+                     nfev, stall, counts, partials, tickets},
         StatusParams{tol, use_rel, stall_patience, diverge_ratio, count_step, freeze_converged});
   }
 
-  static void broyden_reduce(const at::Tensor& U, const at::Tensor& V, const at::Tensor& dz,
+  static void broyden_reduce(at::TensorList U, at::TensorList V, const at::Tensor& dz,
                              const at::Tensor& dg, const at::Tensor& g, const at::Tensor& status,
                              const at::Tensor& npairs, const at::Tensor& proj,
-                             const at::Tensor& scal) {
-    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, g, proj, scal, status, npairs);
-    if (U.size(0) == 0 || U.size(2) == 0) return;
+                             const at::Tensor& scal, const at::Tensor& partials,
+                             const at::Tensor& tickets, int64_t m) {
+    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, g, proj, scal, status, npairs,
+                                                partials, tickets, m);
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
+                           [m](int64_t n) { return stored_pairs(n, m); });
+    if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::reduce(t);
   }
 
-  static void broyden_expand_(const at::Tensor& U, const at::Tensor& V, const at::Tensor& dz,
+  static void broyden_expand_(at::TensorList U, at::TensorList V, const at::Tensor& dz,
                               const at::Tensor& dg, const at::Tensor& g, const at::Tensor& z,
                               const at::Tensor& proj, const at::Tensor& scal,
-                              const at::Tensor& status, const at::Tensor& npairs) {
-    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, z, proj, scal, status, npairs);
-    if (U.size(0) == 0 || U.size(2) == 0) return;
+                              const at::Tensor& status, const at::Tensor& npairs,
+                              const at::Tensor& tickets, int64_t m) {
+    // expand needs no partial sums (an undefined tensor stands in for them).
+    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, z, proj, scal, status, npairs,
+                                                at::Tensor(), tickets, m);
+    // The new pair goes into slot npairs % m: it must be allocated too.
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
+                           [m](int64_t n) { return n < m ? n + 1 : m; });
+    if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::expand(t);
   }
 
@@ -213,34 +308,46 @@ struct CheckedOps {
     Kernels::fixed_point(z, g, status, tau);
   }
 
-  static void anderson_store_(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
-                              const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
-                              const at::Tensor& nhist) {
-    checks::check_anderson(X, G, gram, z, g, status, nhist);
-    if (X.size(0) == 0 || X.size(2) == 0) return;
-    Kernels::store(AndersonArgs{X, G, gram, z, g, at::Tensor(), at::Tensor(), status, nhist});
-  }
-
-  static void anderson_mix_(const at::Tensor& X, const at::Tensor& G, const at::Tensor& gram,
-                            const at::Tensor& z, const at::Tensor& alpha,
-                            const at::Tensor& fallback, const at::Tensor& status,
-                            const at::Tensor& nhist, double beta, double lam) {
+  static void anderson_store_(at::TensorList X, at::TensorList G, const at::Tensor& gram,
+                              const at::Tensor& z, const at::Tensor& g, const at::Tensor& alpha,
+                              const at::Tensor& fallback, const at::Tensor& status,
+                              const at::Tensor& nhist, const at::Tensor& partials,
+                              const at::Tensor& tickets, int64_t m, double lam) {
     using namespace checks;
-    check_anderson(X, G, gram, z, z, status, nhist);
-    check_same_device({{"z", &z}, {"alpha", &alpha}, {"fallback", &fallback}});
-    const int64_t B = X.size(0), m = X.size(1);
-    TORCH_CHECK(alpha.scalar_type() == z.scalar_type() && alpha.dim() == 2 &&
-                    alpha.size(0) == B && alpha.size(1) == m,
-                "deq_ext: 'alpha' must be (", B, ", ", m, ") of the state dtype, got ",
-                alpha.sizes(), " ", alpha.scalar_type());
+    AndersonArgs t = check_anderson(X, G, z, status, nhist, alpha, m);
+    check_same_device({{"z", &z}, {"g", &g}, {"gram", &gram}, {"fallback", &fallback}});
+    check_state("g", g, z);
+    const int64_t B = z.size(0);
+    TORCH_CHECK(gram.scalar_type() == z.scalar_type() && gram.dim() == 3 && gram.size(0) == B &&
+                    gram.size(1) == m && gram.size(2) == m,
+                "deq_ext: 'gram' must be (", B, ", m=", m, ", m=", m, ") of the state dtype, got ",
+                gram.sizes(), " ", gram.scalar_type());
     check_per_sample("fallback", fallback, B, at::kLong);
-    TORCH_CHECK(std::isfinite(beta) && beta > 0,
-                "deq_ext: beta must be positive and finite, got ", beta);
+    check_scratch(partials, tickets, z);
     TORCH_CHECK(std::isfinite(lam) && lam >= 0, "deq_ext: lam must be >= 0 and finite, got ",
                 lam);
-    if (X.size(0) == 0 || X.size(2) == 0) return;
-    Kernels::mix(AndersonArgs{X, G, gram, z, at::Tensor(), alpha, fallback, status, nhist}, beta,
-                 lam);
+    check_capacity("nhist", nhist, status, capacity_of(t.X),
+                   [m](int64_t n) { return n < m ? n + 1 : m; });
+    if (B == 0 || z.size(1) == 0) return;
+    t.gram = gram;
+    t.g = g;
+    t.fallback = fallback;
+    t.partials = partials;
+    t.tickets = tickets;
+    Kernels::store(t, lam);
+  }
+
+  static void anderson_mix_(at::TensorList X, at::TensorList G, const at::Tensor& z,
+                            const at::Tensor& alpha, const at::Tensor& status,
+                            const at::Tensor& nhist, int64_t m, double beta) {
+    using namespace checks;
+    const AndersonArgs t = check_anderson(X, G, z, status, nhist, alpha, m);
+    TORCH_CHECK(std::isfinite(beta) && beta > 0,
+                "deq_ext: beta must be positive and finite, got ", beta);
+    check_capacity("nhist", nhist, status, capacity_of(t.X),
+                   [m](int64_t n) { return n < m ? n : m; });
+    if (z.size(0) == 0 || z.size(1) == 0) return;
+    Kernels::mix(t, beta);
   }
 };
 

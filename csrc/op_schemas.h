@@ -16,22 +16,25 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "residual_status_(Tensor fz, Tensor z, Tensor(a!) g, Tensor(b!) dg, Tensor(c!) z_best, "
       "Tensor(d!) best_abs, Tensor(e!) best_rel, Tensor(f!) res_abs, Tensor(g!) res_rel, "
-      "Tensor(h!) status, Tensor(i!) nstep, Tensor(j!) nfev, Tensor(k!) stall, float tol, "
-      "bool use_rel, int stall_patience, float diverge_ratio, bool count_step, "
-      "bool freeze_converged) -> ()");
+      "Tensor(h!) status, Tensor(i!) nstep, Tensor(j!) nfev, Tensor(k!) stall, "
+      "Tensor(l!) counts, Tensor(m!) partials, Tensor(n!) tickets, float tol, bool use_rel, "
+      "int stall_patience, float diverge_ratio, bool count_step, bool freeze_converged) -> ()");
   m.def(
-      "broyden_reduce(Tensor U, Tensor V, Tensor dz, Tensor dg, Tensor g, Tensor status, "
-      "Tensor npairs, Tensor(a!) proj, Tensor(b!) scal) -> ()");
+      "broyden_reduce(Tensor[] U, Tensor[] V, Tensor dz, Tensor dg, Tensor g, Tensor status, "
+      "Tensor npairs, Tensor(a!) proj, Tensor(b!) scal, Tensor(c!) partials, "
+      "Tensor(d!) tickets, int m) -> ()");
   m.def(
-      "broyden_expand_(Tensor(a!) U, Tensor(b!) V, Tensor(c!) dz, Tensor dg, Tensor g, "
-      "Tensor(d!) z, Tensor proj, Tensor scal, Tensor status, Tensor(e!) npairs) -> ()");
+      "broyden_expand_(Tensor(a!)[] U, Tensor(b!)[] V, Tensor(c!) dz, Tensor dg, Tensor g, "
+      "Tensor(d!) z, Tensor proj, Tensor scal, Tensor status, Tensor(e!) npairs, "
+      "Tensor(f!) tickets, int m) -> ()");
   m.def("fixed_point_step_(Tensor(a!) z, Tensor g, Tensor status, float tau) -> ()");
   m.def(
-      "anderson_store_(Tensor(a!) X, Tensor(b!) G, Tensor(c!) gram, Tensor z, Tensor g, "
-      "Tensor status, Tensor(d!) nhist) -> ()");
+      "anderson_store_(Tensor(a!)[] X, Tensor(b!)[] G, Tensor(c!) gram, Tensor z, Tensor g, "
+      "Tensor(d!) alpha, Tensor(e!) fallback, Tensor status, Tensor(f!) nhist, "
+      "Tensor(g!) partials, Tensor(h!) tickets, int m, float lam) -> ()");
   m.def(
-      "anderson_mix_(Tensor X, Tensor G, Tensor gram, Tensor(a!) z, Tensor(b!) alpha, "
-      "Tensor(c!) fallback, Tensor status, Tensor nhist, float beta, float lam) -> ()");
+      "anderson_mix_(Tensor[] X, Tensor[] G, Tensor(a!) z, Tensor alpha, Tensor status, "
+      "Tensor nhist, int m, float beta) -> ()");
 }
 
 template <class Kernels>

@@ -19,6 +19,8 @@ from .jacobian import jac_reg, spectral_radius
 from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings, state_steps
 from .result import SolverResult
 from .solvers import SOLVERS, anderson, broyden, fixed_point, register_solver, solve, unregister_solver
+from .solvers._graph import GraphCaptureError
+from .solvers._memory import WorkspaceError, set_cpu_workspace_budget
 from .states import StateSpec
 from .status import Status
 
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEQ",
+    "GraphCaptureError",
     "SOLVERS",
     "SolverSettings",
     "SolverStats",
@@ -47,4 +50,6 @@ __all__ = [
     "state_steps",
     "StateSpec",
     "unregister_solver",
+    "WorkspaceError",
+    "set_cpu_workspace_budget",
 ]

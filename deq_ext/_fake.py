@@ -23,7 +23,12 @@ def _same_device_check(qualname: str) -> Callable[..., None]:
 
     def fake(*args, **kwargs) -> None:
         bound = dict(zip(names, args), **kwargs)
-        tensors = [(n, v) for n, v in bound.items() if isinstance(v, torch.Tensor)]
+        tensors = []
+        for n, v in bound.items():
+            if isinstance(v, torch.Tensor):
+                tensors.append((n, v))
+            elif isinstance(v, (list, tuple)):  # a history given as a list of chunks
+                tensors += [(f"{n}[{i}]", t) for i, t in enumerate(v) if isinstance(t, torch.Tensor)]
         first_name, first = tensors[0]
         for n, t in tensors[1:]:
             if t.device != first.device:

@@ -5,7 +5,9 @@ per iteration. Recorded once on the whole batch, every VJP would cost the whole 
 slowest sample converges. :class:`AdjointMap` is the solver's ``f(y, rows)``: ``rows`` (an index
 per sample, a batched input) tells it which samples a (compacted) call holds, and the solver's
 ``on_compact`` hook (:meth:`~deq_ext.solvers._base.MaskedSolve.narrow`) tells it which samples are
-still active. When their number falls to ``rerecord_below`` times the rows of the recorded graph,
+still active: it calls it at every change of the solver's power-of-two bucket of rows. When their
+number falls to ``rerecord_below`` times the rows of the recorded graph (by default at every
+bucket change),
 f is applied once more at z* on those rows only (their batched inputs gathered as the forward
 compaction gathers them) and the following VJPs run through that smaller graph.
 
@@ -41,14 +43,16 @@ def autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
     """The autocast setting f was recorded under, to re-record it under the same one (the
     backward pass usually runs outside the forward's ``autocast`` block)."""
     kind = device.type
+    if kind not in ("cpu", "cuda"):  # e.g. meta: no autocast there
+        return kind, False, torch.float32
     return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
 
 
 def check_rerecord_below(value: Any) -> float:
-    """The backward option ``rerecord_below`` as a float in (0, 1) (ValueError otherwise)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+    """The backward option ``rerecord_below`` as a float in (0, 1] (ValueError otherwise)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
     if not ok:
-        raise ValueError(f"backward option rerecord_below must be a number in (0, 1) (re-record f "
+        raise ValueError(f"backward option rerecord_below must be a number in (0, 1] (re-record f "
                          f"when the active rows fall to this fraction of the recorded ones), "
                          f"got {value!r}")
     return float(value)
@@ -82,8 +86,10 @@ class AdjointMap:
         self.all_rows = torch.arange(self.B, device=z_leaf.device)
         self.fz, self.z_leaf = fz, z_leaf
         self.size = self.B  # rows of the recorded graph
-        # Position of each sample in the recorded graph (None: the whole batch, in order).
+        # Position of each sample in the recorded graph (None: the whole batch, in order), and
+        # dL/dz* of the recorded rows.
         self.position: Optional[torch.Tensor] = None
+        self.grad_rows = grad
         self.vjp_rows = 0
         self.rerecord_rows = 0
 
@@ -93,7 +99,8 @@ class AdjointMap:
         if n == 0 or n > self.rerecord_below * self.size:
             return
         kind, enabled, dtype = self.autocast
-        with torch.enable_grad(), reusable_backward(), torch.autocast(kind, dtype, enabled):
+        cast = torch.autocast(kind, dtype) if enabled else contextlib.nullcontext()
+        with torch.enable_grad(), reusable_backward(), cast:
             z_leaf = self.z_star.index_select(0, rows).requires_grad_()
             fz = self.f(z_leaf, *[take_rows(x, rows, self.B) for x in self.inputs])
         if not isinstance(fz, torch.Tensor) or fz.shape != z_leaf.shape:
@@ -103,11 +110,17 @@ class AdjointMap:
         position = torch.full((self.B,), -1, dtype=torch.int64, device=rows.device)
         position.index_copy_(0, rows, torch.arange(n, device=rows.device))
         self.fz, self.z_leaf, self.size, self.position = fz, z_leaf, n, position
+        self.grad_rows = self.grad.index_select(0, rows)
         self.rerecord_rows += n
+
+    def on_replay(self, calls: int) -> None:
+        """The solver's hook: a replayed CUDA graph made ``calls`` more calls (Python did not)."""
+        self.vjp_rows += calls * self.size
 
     def _vjp(self, y: torch.Tensor) -> Optional[torch.Tensor]:
         """``J^T y`` through the recorded graph (None: fz does not depend on z)."""
-        self.vjp_rows += self.size
+        if not (y.is_cuda and torch.cuda.is_current_stream_capturing()):  # replays count later
+            self.vjp_rows += self.size
         if not self.fz.requires_grad:
             return None
         with torch.enable_grad():
@@ -123,6 +136,11 @@ class AdjointMap:
         if rows is self.all_rows and self.position is None:  # the whole batch, uncompacted
             vjp = self._vjp(y)
             return self.grad if vjp is None else vjp + self.grad
+        if self.position is not None and rows.numel() == self.size:
+            # The solver's bucket is the one f was re-recorded on (buckets only shrink, and each
+            # new one is re-recorded): its rows are the graph's rows, in order.
+            vjp = self._vjp(y)
+            return self.grad_rows if vjp is None else vjp + self.grad_rows
         grad = self.grad.index_select(0, rows)
         # Rows of y placed at their samples' positions in the recorded graph; the other rows
         # (finished samples) get a zero cotangent, which no sample's VJP rows depend on.

@@ -63,8 +63,9 @@ class SolverSettings:
 DEFAULT_FORWARD = SolverSettings(max_iter=40, tol=1e-3)
 DEFAULT_BACKWARD = SolverSettings(max_iter=40, tol=1e-6)
 # The adjoint solve re-records f on its active rows when they fall to this fraction of the
-# recorded ones (so at 1/2, 1/4, ... of the batch).
-DEFAULT_RERECORD_BELOW = 0.5
+# recorded ones: 1, at every change of the solver's power-of-two bucket (1/2, 1/4, ... of the
+# batch), so that its VJPs go through at most twice the active rows.
+DEFAULT_RERECORD_BELOW = 1.0
 
 
 def paper_settings(seq_len: int, training: bool = True) -> tuple[SolverSettings, SolverSettings]:
@@ -98,6 +99,8 @@ class SolverStats:
     samples without reading the device: its warning is issued by :meth:`summary`.
     ``spectral_radius`` (forward only): the per-sample estimate of J_f(z*)'s spectral
     radius when the layer was asked for one (``spectral_radius_steps``), else None.
+    ``f_rows``: the rows the solve evaluated f (or, backward, the adjoint map) on, summed over
+    its calls (None from a solver that does not count them).
     ``vjp_rows`` and ``rerecord_rows`` (backward only): the batch rows the adjoint solve's
     vector-Jacobian products went through (summed over its iterations) and the rows f was
     re-applied to at z* to shrink that graph (:mod:`deq_ext.adjoint`); an uncompacted solve
@@ -113,10 +116,12 @@ class SolverStats:
     spectral_radius: Optional[torch.Tensor] = None
     vjp_rows: Optional[int] = None
     rerecord_rows: Optional[int] = None
+    f_rows: Optional[int] = None
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
-        return cls(res.nstep, res.nfev, res.abs_residual, res.rel_residual, res.status)
+        return cls(res.nstep, res.nfev, res.abs_residual, res.rel_residual, res.status,
+                   f_rows=res.f_rows)
 
     def summary(self) -> dict[str, float]:
         """Batch means for logging (reads from the device)."""
@@ -244,7 +249,7 @@ def deq_fixed_point(
     grad_mode: str = "implicit",
     phantom_steps: int = 1,
     phantom_damping: float = 1.0,
-    compact: bool = True,
+    compact: Union[bool, str] = "auto",
     stats: Optional[dict] = None,
     jac_reg_samples: int = 0,
     spectral_radius_steps: int = 0,
@@ -264,8 +269,10 @@ def deq_fixed_point(
         grad_mode: ``'implicit'`` (exact, Theorem 1) or ``'phantom'`` (backprop
             through ``phantom_steps`` damped steps from z*; 1 step and damping 1
             is the one-step / Jacobian-free gradient).
-        compact: in the forward solve, evaluate f only on the active samples.
-            Set False for an f that mixes samples (e.g. batch statistics). A
+        compact: in the forward solve, evaluate f only on the active samples, in
+            power-of-two buckets (``"auto"``, the default: where it pays on the device, see
+            :func:`deq_ext.broyden`; True: always). Set False for an f that mixes samples
+            (e.g. batch statistics). A
             ``compact`` among the forward settings' options overrides it. The
             backward (adjoint) solve is compacted as the forward one is unless its
             settings say ``compact=False``: when its active samples fall to ``rerecord_below``
@@ -324,7 +331,8 @@ def deq_fixed_point(
 
 def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
               fwd: SolverSettings, bwd: SolverSettings, *, grad_mode: str, phantom_steps: int,
-              phantom_damping: float, compact: bool, stats: Optional[dict], jac_reg_samples: int,
+              phantom_damping: float, compact: Union[bool, str], stats: Optional[dict],
+              jac_reg_samples: int,
               spectral_radius_steps: int, n_states: Optional[int]) -> Any:
     """:func:`deq_fixed_point` for a tensor z0 (arguments checked)."""
     _check_inputs(z0, inputs)
@@ -383,7 +391,7 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
         options = bwd.solver_kwargs()
         rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
         # An f that mixes samples (forward compact=False) cannot be re-recorded on fewer rows.
-        options.setdefault("compact", bool(kwargs["compact"]))
+        options.setdefault("compact", kwargs["compact"])
         adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)
         # Start from dL/dz*, the first term of the Neumann series: from y = 0 a dL/dz* already
         # below an absolute tolerance would end the solve at once with a zero gradient. Samples
@@ -434,7 +442,7 @@ class DEQ(nn.Module):
     def __init__(self, f: Callable[..., Any], *, forward: SettingsLike = None,
                  backward: SettingsLike = None, grad_mode: str = "implicit",
                  phantom_steps: int = 1, phantom_damping: float = 1.0,
-                 compact: bool = True, jac_reg_samples: int = 0,
+                 compact: Union[bool, str] = "auto", jac_reg_samples: int = 0,
                  spectral_radius_steps: int = 0, n_states: Optional[int] = None) -> None:
         super().__init__()
         self.f = f

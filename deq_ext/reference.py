@@ -1,10 +1,13 @@
 """Pure-PyTorch twin of every extension op, with the same semantics op by op.
 
-The solver state lives in flat ``(B, D)`` / ``(B, m, D)`` tensors (see
-docs/design.md). Every op reads and writes only the samples whose ``status`` is
-``Status.ACTIVE``; all others are left bit for bit as they were. The compiled
-ops in ``deq_ext._C`` are tested against these functions, and the solver falls
-back to them when the extension is not available.
+The solver state lives in flat ``(B, D)`` tensors and a history of ring length
+``m`` stored as a list of ``(B, C, D)`` chunks, allocated as the ring fills (slot
+``j`` of the ring is row ``j % C`` of chunk ``j // C``; see docs/design.md). Every
+op reads and writes only the samples whose ``status`` is ``Status.ACTIVE``; all
+others are left bit for bit as they were. The compiled ops in ``deq_ext._C`` are
+tested against these functions, and the solver falls back to them when the
+extension is not available. ``partials`` and ``tickets`` are the CUDA kernels'
+scratch; the twin (like the CPU kernels) does not use them.
 
 Accumulation precision: every reduction accumulates in float64, for float32
 state too, here as in the CPU and CUDA kernels, so that per-sample decisions (a
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .status import DEN, NUM_SCALARS, REL_EPS, VALID, VG, Status
+from .status import ACTIVE_COUNT, DEN, NUM_SCALARS, PENDING_COUNT, REL_EPS, VALID, VG, Status
 
 
 def _active_index(status: torch.Tensor) -> torch.Tensor:
@@ -26,6 +29,29 @@ def _active_index(status: torch.Tensor) -> torch.Tensor:
 
 def _smallest_normal(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny
+
+
+def _ring(chunks: list[torch.Tensor], m: int) -> torch.Tensor:
+    """The history as one ``(B, capacity, D)`` tensor (a copy), capacity <= m slots."""
+    return torch.cat(list(chunks), dim=1)[:, :m]
+
+
+def _write_slots(chunks: list[torch.Tensor], samples: torch.Tensor, slots: torch.Tensor,
+                 rows: torch.Tensor) -> None:
+    """``chunks[slot // C][sample, slot % C] = row`` for every (sample, slot, row)."""
+    C = chunks[0].shape[1]
+    for c in torch.unique(slots // C).tolist():
+        sel = slots // C == c
+        chunks[c][samples[sel], slots[sel] % C] = rows[sel].to(chunks[c].dtype)
+
+
+def _check_capacity(chunks: list[torch.Tensor], count: torch.Tensor, idx: torch.Tensor,
+                    needed) -> None:
+    capacity = sum(c.shape[1] for c in chunks)
+    need = needed(count.index_select(0, idx))
+    if need.numel() and int(need.max()) > capacity:
+        raise RuntimeError(f"deq_ext: a sample needs {int(need.max())} history slots, but only "
+                           f"{capacity} are allocated")
 
 
 def residual_status_(
@@ -42,6 +68,9 @@ def residual_status_(
     nstep: torch.Tensor,
     nfev: torch.Tensor,
     stall: torch.Tensor,
+    counts: torch.Tensor,
+    partials: torch.Tensor,
+    tickets: torch.Tensor,
     tol: float,
     use_rel: bool,
     stall_patience: int,
@@ -51,7 +80,8 @@ def residual_status_(
 ) -> None:
     """Residual, norms, lowest-residual tracking and status update, in place.
 
-    For every active sample b, with ``fz[b] = f(z[b])`` (any float dtype):
+    ``fz`` is f's output as it comes, ``(B, ...)`` with D values per sample. For every
+    active sample b, with ``fz[b] = f(z[b])`` (any float dtype):
     ``g_new = fz - z``; ``dg = g_new - g``; ``g = g_new``;
     ``res_abs = ||g_new||``, ``res_rel = res_abs / (||fz|| + 1e-9)``;
     ``nfev += 1`` and, if ``count_step``, ``nstep += 1``. If the stop-mode
@@ -60,11 +90,27 @@ def residual_status_(
     (else it grows by one). Then the status: non-finite residual -> DIVERGED;
     objective < tol (with ``freeze_converged``) -> CONVERGED; objective >
     ``diverge_ratio`` x previous best -> DIVERGED; ``stall >= stall_patience``
-    (when > 0) -> STALLED.
+    (when > 0) -> STALLED. Finally ``counts`` (int64, 2) receives the number of
+    pending samples (active and, with ``freeze_converged`` False, not below tol) and
+    of active samples over the whole batch.
     """
     idx = _active_index(status)
-    if idx.numel() == 0:
-        return
+    if idx.numel():
+        _residual_update(fz.reshape(fz.shape[0], -1), z, g, dg, z_best, best_abs, best_rel,
+                         res_abs, res_rel, status, nstep, nfev, stall, idx, tol, use_rel,
+                         stall_patience, diverge_ratio, count_step, freeze_converged)
+    active = status == Status.ACTIVE
+    pending = active
+    if not freeze_converged:
+        obj = (res_rel if use_rel else res_abs).to(torch.float64)
+        pending = active & ~(obj < tol)
+    counts[PENDING_COUNT] = pending.sum()
+    counts[ACTIVE_COUNT] = active.sum()
+
+
+def _residual_update(fz, z, g, dg, z_best, best_abs, best_rel, res_abs, res_rel, status, nstep,
+                     nfev, stall, idx, tol, use_rel, stall_patience, diverge_ratio, count_step,
+                     freeze_converged) -> None:
     acc = torch.float64
     fz_a = fz.index_select(0, idx)
     z_a = z.index_select(0, idx)
@@ -122,8 +168,8 @@ def _sherman_morrison(
 
 
 def broyden_reduce(
-    U: torch.Tensor,
-    V: torch.Tensor,
+    U: list[torch.Tensor],
+    V: list[torch.Tensor],
     dz: torch.Tensor,
     dg: torch.Tensor,
     g: torch.Tensor,
@@ -131,29 +177,34 @@ def broyden_reduce(
     npairs: torch.Tensor,
     proj: torch.Tensor,
     scal: torch.Tensor,
+    partials: torch.Tensor,
+    tickets: torch.Tensor,
+    m: int,
 ) -> None:
     """Fused reduction pass over the history (writes ``proj`` and ``scal``).
 
     For every active sample with k = min(npairs, m) stored pairs (ring slots
-    0..k-1): ``proj[b, 0, j] = U[b, j] . dz``, ``proj[b, 1, j] = V[b, j] . dg``,
-    ``proj[b, 2, j] = V[b, j] . g`` for j < k, and 0 for j >= k;
-    ``scal[b] = [dz.dg, dz.g, den, vg, valid]`` with the Sherman-Morrison
-    quantities of ``csrc/common/broyden_math.h``.
+    0..k-1, which must be allocated): ``proj[b, 0, j] = U[b, j] . dz``,
+    ``proj[b, 1, j] = V[b, j] . dg``, ``proj[b, 2, j] = V[b, j] . g`` for j < k,
+    and 0 for j >= k; ``scal[b] = [dz.dg, dz.g, den, vg, valid]`` with the
+    Sherman-Morrison quantities of ``csrc/common/broyden_math.h``.
     """
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    m = U.shape[1]
+    _check_capacity(U, npairs, idx, lambda n: torch.clamp(n, max=m))
     acc = torch.float64
-    U_a = U.index_select(0, idx).to(acc)
-    V_a = V.index_select(0, idx).to(acc)
+    U_a = _ring(U, m).index_select(0, idx).to(acc)
+    V_a = _ring(V, m).index_select(0, idx).to(acc)
+    cap = U_a.shape[1]
     dz_a = dz.index_select(0, idx).to(acc)
     dg_a = dg.index_select(0, idx).to(acc)
     g_a = g.index_select(0, idx).to(acc)
     k = torch.clamp(npairs.index_select(0, idx), max=m)
-    stored = (torch.arange(m, device=U.device)[None, :] < k[:, None]).to(acc)
+    stored = (torch.arange(cap, device=dz.device)[None, :] < k[:, None]).to(acc)
 
-    p = torch.stack(
+    p = torch.zeros(idx.numel(), 3, m, dtype=acc, device=dz.device)
+    p[:, :, :cap] = torch.stack(
         [
             torch.einsum("bmd,bd->bm", U_a, dz_a),
             torch.einsum("bmd,bd->bm", V_a, dg_a),
@@ -178,8 +229,8 @@ def _to_history(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def broyden_expand_(
-    U: torch.Tensor,
-    V: torch.Tensor,
+    U: list[torch.Tensor],
+    V: list[torch.Tensor],
     dz: torch.Tensor,
     dg: torch.Tensor,
     g: torch.Tensor,
@@ -188,11 +239,13 @@ def broyden_expand_(
     scal: torch.Tensor,
     status: torch.Tensor,
     npairs: torch.Tensor,
+    tickets: torch.Tensor,
+    m: int,
 ) -> None:
     """Fused expansion pass: store the new pair, form the next step, move z.
 
-    For every active sample, with k = min(npairs, m), slot = npairs % m and
-    (a, b, c) = proj[b]: if ``scal[b, VALID]``,
+    For every active sample, with k = min(npairs, m), slot = npairs % m (both
+    allocated) and (a, b, c) = proj[b]: if ``scal[b, VALID]``,
     ``u = (dz + dg - U b) / den``, ``v = -dz + V a``, the pair goes into ring
     slot ``slot`` (replacing the oldest pair once the ring is full) and
     ``npairs += 1``; the step is ``-H' g = g - sum_{j kept} U_j c_j - u vg``.
@@ -202,20 +255,21 @@ def broyden_expand_(
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    m = U.shape[1]
+    _check_capacity(U, npairs, idx, lambda n: torch.where(n < m, n + 1, m))
     acc = torch.float64
-    U_a = U.index_select(0, idx).to(acc)
-    V_a = V.index_select(0, idx).to(acc)
+    U_a = _ring(U, m).index_select(0, idx).to(acc)
+    V_a = _ring(V, m).index_select(0, idx).to(acc)
+    cap = U_a.shape[1]
     dz_a = dz.index_select(0, idx).to(acc)
     dg_a = dg.index_select(0, idx).to(acc)
     g_a = g.index_select(0, idx).to(acc)
-    p = proj.index_select(0, idx).to(acc)
+    p = proj.index_select(0, idx).to(acc)[:, :, :cap]
     s = scal.index_select(0, idx).to(acc)
     n = npairs.index_select(0, idx)
     k = torch.clamp(n, max=m)
     slot = n % m
     valid = s[:, VALID] != 0
-    ar = torch.arange(m, device=U.device)[None, :]
+    ar = torch.arange(cap, device=dz.device)[None, :]
     stored = (ar < k[:, None]).to(acc)
     # Once the ring is full, the new pair replaces the one in `slot`.
     kept = stored * ~(valid[:, None] & (ar == slot[:, None]))
@@ -228,8 +282,8 @@ def broyden_expand_(
 
     vi = idx[valid]
     if vi.numel():
-        U[vi, slot[valid]] = _to_history(u[valid], U.dtype)
-        V[vi, slot[valid]] = _to_history(v[valid], V.dtype)
+        _write_slots(U, vi, slot[valid], _to_history(u[valid], U[0].dtype))
+        _write_slots(V, vi, slot[valid], _to_history(v[valid], V[0].dtype))
         npairs.index_add_(0, vi, torch.ones_like(vi))
     step = step.to(z.dtype)
     dz.index_copy_(0, idx, step)
@@ -246,35 +300,56 @@ def fixed_point_step_(z: torch.Tensor, g: torch.Tensor, status: torch.Tensor, ta
 
 
 def anderson_store_(
-    X: torch.Tensor,
-    G: torch.Tensor,
+    X: list[torch.Tensor],
+    G: list[torch.Tensor],
     gram: torch.Tensor,
     z: torch.Tensor,
     g: torch.Tensor,
+    alpha: torch.Tensor,
+    fallback: torch.Tensor,
     status: torch.Tensor,
     nhist: torch.Tensor,
+    partials: torch.Tensor,
+    tickets: torch.Tensor,
+    m: int,
+    lam: float,
 ) -> None:
-    """Store the newest iterate and residual, and its row of the residual Gram matrix.
+    """Store the newest iterate and residual, its row of the residual Gram matrix, and the
+    next mixing weights.
 
-    For every active sample, with slot = nhist % m (the oldest entry once the
-    ring is full): ``X[b, slot] = z``, ``G[b, slot] = g`` (rounded to a narrower history
-    dtype), and ``gram[b, slot, i] = gram[b, i, slot] = G[b, slot] . G[b, i]`` for every
-    stored entry i (the new one included); then ``nhist += 1``.
+    For every active sample, with slot = nhist % m (the oldest entry once the ring is
+    full; allocated, like every stored entry): ``X[b, slot] = z``, ``G[b, slot] = g``
+    (rounded to a narrower history dtype), and ``gram[b, slot, i] = gram[b, i, slot] =
+    G[b, slot] . G[b, i]`` for every stored entry i (the new one included); then
+    ``nhist += 1``, and with n = min(nhist, m) entries (the newest in ``slot``),
+    ``alpha[b, :n]`` gets the weights of :func:`anderson_weights` from the stored Gram
+    matrix (0 beyond n) and ``fallback[b] += 1`` when they fell back to the newest entry.
     """
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    m = X.shape[1]
-    for b in idx.tolist():
+    _check_capacity(X, nhist, idx, lambda n: torch.where(n < m, n + 1, m))
+    C = X[0].shape[1]
+    samples = idx.tolist()
+    for b in samples:
         slot = int(nhist[b]) % m
-        X[b, slot] = _to_history(z[b], X.dtype)
-        G[b, slot] = _to_history(g[b], G.dtype)
-        n = min(int(nhist[b]) + 1, m)
+        X[slot // C][b, slot % C] = _to_history(z[b], X[0].dtype)
+        G[slot // C][b, slot % C] = _to_history(g[b], G[0].dtype)
+    ring = _ring(G, m)
+    for b in samples:
+        h = int(nhist[b])
+        slot, n = h % m, min(h + 1, m)
+        rows = ring[b, :n].to(torch.float64)
         # Products of the stored rows (g rounded to a narrow history like the others).
-        dots = (G[b, :n].to(torch.float64) @ G[b, slot].to(torch.float64)).to(gram.dtype)
+        dots = (rows @ rows[slot]).to(gram.dtype)
         gram[b, slot, :n] = dots
         gram[b, :n, slot] = dots
-    nhist.index_add_(0, idx, torch.ones_like(idx))
+        nhist[b] = h + 1
+        w, ok = anderson_weights(gram[b, :n, :n], slot, lam)
+        alpha[b].zero_()
+        alpha[b, :n] = w.to(alpha.dtype)
+        if not ok:
+            fallback[b] += 1
 
 
 def anderson_weights(gram: torch.Tensor, newest: int, lam: float) -> tuple[torch.Tensor, bool]:
@@ -309,37 +384,25 @@ def anderson_weights(gram: torch.Tensor, newest: int, lam: float) -> tuple[torch
 
 
 def anderson_mix_(
-    X: torch.Tensor,
-    G: torch.Tensor,
-    gram: torch.Tensor,
+    X: list[torch.Tensor],
+    G: list[torch.Tensor],
     z: torch.Tensor,
     alpha: torch.Tensor,
-    fallback: torch.Tensor,
     status: torch.Tensor,
     nhist: torch.Tensor,
+    m: int,
     beta: float,
-    lam: float,
 ) -> None:
-    """Anderson step: weights from the Gram matrix, then ``z = sum_i alpha_i (X_i + beta G_i)``.
-
-    For every active sample with n = min(nhist, m) stored entries (the newest
-    in slot (nhist - 1) % m): ``alpha[b, :n]`` gets the weights of
-    :func:`anderson_weights` (0 beyond n) and ``fallback[b] += 1`` when they
-    fell back to the newest entry alone.
-    """
+    """Anderson step ``z = sum_i alpha_i (X_i + beta G_i)`` over the n = min(nhist, m)
+    stored entries, with the weights ``alpha`` of the last :func:`anderson_store_`."""
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    m = X.shape[1]
+    _check_capacity(X, nhist, idx, lambda n: torch.clamp(n, max=m))
+    Xr, Gr = _ring(X, m), _ring(G, m)
     for b in idx.tolist():
         n = min(int(nhist[b]), m)
-        newest = (int(nhist[b]) - 1) % m
-        w, ok = anderson_weights(gram[b, :n, :n], newest, lam)
-        alpha[b].zero_()
-        alpha[b, :n] = w.to(alpha.dtype)
-        if not ok:
-            fallback[b] += 1
-        mixed = (X[b, :n].to(torch.float64) + beta * G[b, :n].to(torch.float64))
+        mixed = Xr[b, :n].to(torch.float64) + beta * Gr[b, :n].to(torch.float64)
         z[b] = (alpha[b, :n].to(torch.float64) @ mixed).to(z.dtype)
 
 

@@ -33,6 +33,8 @@ class SolverResult:
             ``z``: per sample, what the solve would have returned with ``max_iter=k``
             (the lowest-residual iterate after k steps, or the k-th iterate with
             ``return_final``); a sample that stopped before step k repeats its final one.
+        f_rows: rows f was evaluated on over the solve (its batch dimension, summed over its
+            calls): with compaction fewer than the calls times B, at least ``nfev.sum()``.
     """
 
     # Any: a tensor, or z0's structure for a structured state (see deq_ext.states).
@@ -47,6 +49,7 @@ class SolverResult:
     state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
     fallbacks: Optional[torch.Tensor] = None
     recorded: Optional[list[Any]] = None
+    f_rows: Optional[int] = None
 
     @property
     def converged(self) -> torch.Tensor:

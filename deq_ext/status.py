@@ -26,3 +26,7 @@ NUM_SCALARS = 5
 
 # Added to ||f(z)|| in the relative residual, as torchdeq and locuslab/deq do.
 REL_EPS = 1e-9
+
+# Layout of the (2,) counts the residual/status op writes after every update.
+PENDING_COUNT, ACTIVE_COUNT = range(2)
+NUM_COUNTS = 2

@@ -31,20 +31,22 @@ def _mix_state(B, D, m, dtype, seed):
 OP_CASES: dict[str, tuple[Callable[..., dict], Callable[[dict], tuple]]] = {
     "broyden_reduce": (
         lambda B, D, m, dt, s: history_state(B, m, D, dt, "cpu", s),
-        _names("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")),
+        _names("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal", "partials",
+               "tickets", "m")),
     "broyden_expand_": (
         lambda B, D, m, dt, s: with_reduced_scalars(history_state(B, m, D, dt, "cpu", s), s),
-        _names("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")),
+        _names("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs", "tickets",
+               "m")),
     "residual_status_": (
         lambda B, D, m, dt, s: residual_state(B, D, dt, dt, "cpu", s),
         lambda st: (*_names(*RESIDUAL_ARGS)(st), 0.5, False, 3, 1e3, True, True)),
     "anderson_store_": (
         lambda B, D, m, dt, s: anderson_state(B, m, D, dt, "cpu", s),
-        _names("X", "G", "gram", "z", "g", "status", "nhist")),
+        lambda st: (*_names("X", "G", "gram", "z", "g", "alpha", "fallback", "status", "nhist",
+                            "partials", "tickets", "m")(st), 1e-4)),
     "anderson_mix_": (
         _mix_state,
-        lambda st: (*_names("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")(st),
-                    0.8, 1e-4)),
+        lambda st: (*_names("X", "G", "z", "alpha", "status", "nhist", "m")(st), 0.8)),
     "fixed_point_step_": (
         lambda B, D, m, dt, s: anderson_state(B, m, D, dt, "cpu", s),
         lambda st: (st["z"], st["g"], st["status"], 0.7)),

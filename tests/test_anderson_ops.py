@@ -11,7 +11,17 @@ import torch
 from deq_ext import reference
 from deq_ext.status import Status
 
-from .helpers import anderson_state, assert_states_match, clone_state, random_status
+from .helpers import (
+    MIX_ARGS,
+    STORE_ARGS,
+    anderson_state,
+    args_of,
+    assert_states_match,
+    chunked,
+    clone_state,
+    random_status,
+    unchunked,
+)
 from .test_broyden_ops import BATCHES, DIMS, DTYPES, _seed
 
 MEMORIES = (1, 5, 30)
@@ -21,12 +31,14 @@ SIZES = list(itertools.product(BATCHES, DIMS, MEMORIES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,D,m", SIZES)
 def test_anderson_store_matches_reference(ext, device, dtype, B, D, m):
+    """The store and the next weights: the Gram row of the new entry, then a ridge-regularised
+    solve whose two correct implementations agree to about eps * cond(K + ridge)."""
     st = anderson_state(B, m, D, dtype, device, _seed("store", B, D, m, dtype))
     before, want = clone_state(st), clone_state(st)
-    args = ("X", "G", "gram", "z", "g", "status", "nhist")
-    ext.anderson_store_(*(st[a] for a in args))
-    reference.anderson_store_(*(want[a] for a in args))
-    assert_states_match(st, want, before, dtype)
+    ext.anderson_store_(*args_of(st, STORE_ARGS), 1e-4)
+    reference.anderson_store_(*args_of(want, STORE_ARGS), 1e-4)
+    assert_states_match(st, want, before, dtype,
+                        amplification=_max_condition(want, m, 1e-4))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -35,12 +47,9 @@ def test_anderson_mix_matches_reference(ext, device, dtype, B, D, m):
     st = anderson_state(B, m, D, dtype, device, _seed("mix", B, D, m, dtype))
     st["nhist"].clamp_(min=1)  # mixing follows a store: at least one entry
     before, want = clone_state(st), clone_state(st)
-    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
-    ext.anderson_mix_(*(st[a] for a in args), 0.8, 1e-4)
-    reference.anderson_mix_(*(want[a] for a in args), 0.8, 1e-4)
-    # The weights solve a ridge-regularised system: two correct implementations
-    # agree to about eps * cond(K + ridge), which is large when n > D.
-    assert_states_match(st, want, before, dtype, amplification=_max_condition(before, m, 1e-4))
+    ext.anderson_mix_(*args_of(st, MIX_ARGS), 0.8)
+    reference.anderson_mix_(*args_of(want, MIX_ARGS), 0.8)
+    assert_states_match(st, want, before, dtype)
 
 
 def _max_condition(st: dict, m: int, lam: float) -> float:
@@ -68,26 +77,33 @@ def test_fixed_point_step_matches_reference(ext, device, dtype, B, D):
     assert_states_match(st, want, before, dtype)
 
 
+def _store(ext, st, lam):
+    ext.anderson_store_(*args_of(st, STORE_ARGS), lam)
+
+
 def test_singular_gram_falls_back_and_is_flagged(ext, device):
     """Identical residuals make the Gram matrix singular: with no ridge the solve must fall back."""
     B, m, D = 2, 3, 8
     st = anderson_state(B, m, D, torch.float64, device, seed=1)
     st["status"].zero_()
-    st["G"][:] = st["G"][:, :1]  # every stored residual the same
-    st["gram"] = (st["G"] @ st["G"].transpose(1, 2)).contiguous()
-    st["nhist"].fill_(m)
+    G = unchunked(st["G"], m)
+    G[:] = G[:, :1]  # every stored residual the same, the new one too
+    st["G"], st["g"] = chunked(G), G[:, 0].clone()
+    st["gram"] = (G @ G.transpose(1, 2)).contiguous()
+    st["nhist"].fill_(m)  # the new entry replaces slot 0
     st["fallback"].zero_()
-    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
-    ext.anderson_mix_(*(st[a] for a in args), 1.0, 0.0)
-    newest = (m - 1) % m
+    before = clone_state(st)
+    _store(ext, st, 0.0)
+    newest = 0
     expected_alpha = torch.zeros(B, m, dtype=torch.float64, device=device)
     expected_alpha[:, newest] = 1
     assert torch.equal(st["alpha"], expected_alpha)
     assert torch.equal(st["fallback"], torch.ones(B, dtype=torch.int64, device=device))
-    torch.testing.assert_close(st["z"], st["X"][:, newest] + st["G"][:, newest])
+    ext.anderson_mix_(*args_of(st, MIX_ARGS), 1.0)
+    torch.testing.assert_close(st["z"], before["z"] + before["g"])  # the newest entry's step
     # With a ridge the same system is solvable: equal weights, no fallback.
-    st["fallback"].zero_()
-    ext.anderson_mix_(*(st[a] for a in args), 1.0, 1e-4)
+    st = clone_state(before)
+    _store(ext, st, 1e-4)
     assert int(st["fallback"].sum()) == 0
     torch.testing.assert_close(st["alpha"], torch.full((B, m), 1 / m, dtype=torch.float64, device=device))
 
@@ -98,51 +114,61 @@ def test_pivot_within_rounding_error_falls_back(ext, device):
     K = [[1, 1], [1, 1 + 2^-50]] leaves a pivot of 2^-50 = 4u, inside the elimination's
     rounding error: an exact solve here is as arbitrary as one whose rounding made the pivot
     negative (which GPUs and CPUs decide differently), so every device treats it as singular.
+    The residuals G_0 = (1, 0) and the new g = (1, 2^-25) give exactly that K (a float64 dot).
     """
-    B, m, D = 3, 2, 6
-    st = anderson_state(B, m, D, torch.float64, device, seed=3)
-    st["status"].zero_()
-    st["nhist"].fill_(m)
-    st["fallback"].zero_()
-    gram = torch.ones(B, m, m, dtype=torch.float64)
-    gram[:, 1, 1] = 1 + 2.0 ** -50
-    st["gram"] = gram.clone().to(device)
-    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
-    ext.anderson_mix_(*(st[a] for a in args), 1.0, 0.0)
+    B, m, D = 3, 2, 2
+
+    def state(tail: float) -> dict:
+        st = anderson_state(B, m, D, torch.float64, device, seed=3)
+        st["status"].zero_()
+        st["nhist"].fill_(m + 1)  # the new entry goes into slot 1, entry 0 stays
+        st["fallback"].zero_()
+        G = torch.zeros(B, m, D, dtype=torch.float64, device=device)
+        G[:, 0, 0] = 1
+        st["G"] = chunked(G)
+        st["g"] = torch.tensor([[1.0, tail]] * B, dtype=torch.float64, device=device)
+        st["gram"].zero_()
+        st["gram"][:, 0, 0] = 1
+        return st
+
+    st = state(2.0 ** -25)
+    _store(ext, st, 0.0)
+    assert st["gram"][0].tolist() == [[1.0, 1.0], [1.0, 1 + 2.0 ** -50]]
     expected_alpha = torch.zeros(B, m, dtype=torch.float64, device=device)
-    expected_alpha[:, (m - 1) % m] = 1
+    expected_alpha[:, 1] = 1
     assert torch.equal(st["alpha"], expected_alpha)
     assert torch.equal(st["fallback"], torch.ones(B, dtype=torch.int64, device=device))
     # A pivot well above the rounding error (2^-30) is a genuine, solvable system.
-    st["gram"][:, 1, 1] = 1 + 2.0 ** -30
-    st["fallback"].zero_()
-    ext.anderson_mix_(*(st[a] for a in args), 1.0, 0.0)
+    st = state(2.0 ** -15)
+    _store(ext, st, 0.0)
     assert int(st["fallback"].sum()) == 0
     # The pure-PyTorch twin draws the same line.
-    assert not reference.anderson_weights(gram[0], m - 1, 0.0)[1]
-    assert reference.anderson_weights(st["gram"][0].cpu(), m - 1, 0.0)[1]
+    gram = torch.ones(m, m, dtype=torch.float64)
+    gram[1, 1] = 1 + 2.0 ** -50
+    assert not reference.anderson_weights(gram, m - 1, 0.0)[1]
+    gram[1, 1] = 1 + 2.0 ** -30
+    assert reference.anderson_weights(gram, m - 1, 0.0)[1]
 
 
 def test_non_finite_gram_falls_back(ext, device):
     B, m, D = 2, 4, 5
     st = anderson_state(B, m, D, torch.float64, device, seed=2)
     st["status"].zero_()
-    st["nhist"].fill_(m)
+    st["nhist"].fill_(m)  # the new entry replaces slot 0; entry 1's diagonal stays NaN
     st["gram"][0, 1, 1] = math.nan
     st["fallback"].zero_()
-    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
-    ext.anderson_mix_(*(st[a] for a in args), 1.0, 1e-4)
+    _store(ext, st, 1e-4)
     assert st["fallback"].tolist() == [1, 0]
+    ext.anderson_mix_(*args_of(st, MIX_ARGS), 1.0)
     assert bool(torch.isfinite(st["z"]).all())
 
 
-def test_mix_rejects_bad_settings(ext):
+def test_anderson_ops_reject_bad_settings(ext):
     st = anderson_state(2, 3, 4, torch.float64, "cpu", seed=3)
-    args = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
     with pytest.raises(RuntimeError, match="beta"):
-        ext.anderson_mix_(*(st[a] for a in args), 0.0, 1e-4)
+        ext.anderson_mix_(*args_of(st, MIX_ARGS), 0.0)
     with pytest.raises(RuntimeError, match="lam"):
-        ext.anderson_mix_(*(st[a] for a in args), 1.0, -1.0)
+        _store(ext, st, -1.0)
+    st["gram"] = st["gram"][:, :2].contiguous()
     with pytest.raises(RuntimeError, match="'gram'"):
-        ext.anderson_store_(st["X"], st["G"], st["gram"][:, :2].contiguous(), st["z"], st["g"],
-                            st["status"], st["nhist"])
+        _store(ext, st, 1e-4)

@@ -70,7 +70,9 @@ def test_compaction_and_counts_with_anderson():
                            max_iter=200, tol=1e-10, compact=False)
     torch.testing.assert_close(res.z, off.z, rtol=1e-12, atol=1e-12)
     assert torch.equal(res.nfev, res.nstep + 1) and counted.calls == int(res.nstep.max()) + 1
-    assert counted.rows == int(res.nfev.sum()) < B * counted.calls
+    # f runs on power-of-two buckets: the active rows, padded with finished ones to at most twice.
+    assert int(res.nfev.sum()) <= counted.rows <= 2 * int(res.nfev.sum())
+    assert counted.rows < B * counted.calls
 
 
 @pytest.mark.parametrize("option,value", [("beta", 0.0), ("beta", 1.5), ("lam", -1.0),

@@ -9,16 +9,21 @@ import zlib
 import pytest
 import torch
 
-from deq_ext import reference
+from deq_ext import _extension, reference
 from deq_ext.status import DEN, VALID, Status
 
 from .helpers import (
+    EXPAND_ARGS,
+    REDUCE_ARGS,
     RESIDUAL_ARGS,
     RUN_SEED,
+    args_of,
     assert_states_match,
     clone_state,
     history_state,
     residual_state,
+    states_equal,
+    unchunked,
     with_reduced_scalars,
 )
 
@@ -41,9 +46,8 @@ def test_reduce_matches_reference(ext, device, dtype, B, D, m):
     st = history_state(B, m, D, dtype, device, seed=_seed("reduce", B, D, m, dtype))
     before = clone_state(st)
     want = clone_state(st)
-    args = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
-    ext.broyden_reduce(*(st[a] for a in args))
-    reference.broyden_reduce(*(want[a] for a in args))
+    ext.broyden_reduce(*args_of(st, REDUCE_ARGS))
+    reference.broyden_reduce(*args_of(want, REDUCE_ARGS))
     assert_states_match(st, want, before, dtype)
 
 
@@ -54,18 +58,18 @@ def test_expand_matches_reference(ext, device, dtype, B, D, m):
                               gen_seed=B * D + m)
     before = clone_state(st)
     want = clone_state(st)
-    args = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")
-    ext.broyden_expand_(*(st[a] for a in args))
-    reference.broyden_expand_(*(want[a] for a in args))
+    ext.broyden_expand_(*args_of(st, EXPAND_ARGS))
+    reference.broyden_expand_(*args_of(want, EXPAND_ARGS))
     assert_states_match(st, want, before, dtype)
     active = before["status"] == Status.ACTIVE
     stored = active & (before["scal"][:, VALID] != 0)
     assert torch.equal(st["npairs"], before["npairs"] + stored.long())
     # Only the ring slot of the new pair changed in the history.
+    U, U0 = unchunked(st["U"], m), unchunked(before["U"], m)
     for b in torch.nonzero(stored).flatten().tolist():
         slot = int(before["npairs"][b]) % m
         others = [j for j in range(m) if j != slot]
-        assert torch.equal(st["U"][b, others], before["U"][b, others])
+        assert torch.equal(U[b, others], U0[b, others])
 
 
 def _tol_between(r: torch.Tensor) -> float:
@@ -145,14 +149,13 @@ def test_reduce_marks_zero_denominator_invalid(ext, device):
     st["status"].zero_()
     st["npairs"].zero_()  # no stored pairs: den = -dz.dg
     st["dg"].zero_()
-    args = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
-    ext.broyden_reduce(*(st[a] for a in args))
+    ext.broyden_reduce(*args_of(st, REDUCE_ARGS))
     assert torch.all(st["scal"][:, VALID] == 0)
     assert torch.all(st["scal"][:, DEN] == 0)
     before = clone_state(st)
-    ext.broyden_expand_(*(st[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status",
-                                          "npairs")))
-    assert torch.equal(st["U"], before["U"]) and torch.equal(st["npairs"], before["npairs"])
+    ext.broyden_expand_(*args_of(st, EXPAND_ARGS))
+    assert not states_equal({"U": st["U"], "npairs": st["npairs"]},
+                            {"U": before["U"], "npairs": before["npairs"]})
     torch.testing.assert_close(st["dz"], before["g"], rtol=0, atol=0)  # step = -H g = g with H = -I
 
 
@@ -162,12 +165,10 @@ def test_ops_are_deterministic(ext, device):
     outs = []
     for _ in range(2):
         s = clone_state(st)
-        ext.broyden_reduce(*(s[a] for a in ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")))
-        ext.broyden_expand_(*(s[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status",
-                                             "npairs")))
+        ext.broyden_reduce(*args_of(s, REDUCE_ARGS))
+        ext.broyden_expand_(*args_of(s, EXPAND_ARGS))
         outs.append(s)
-    for k in st:
-        assert torch.equal(outs[0][k], outs[1][k]), k
+    assert not states_equal(outs[0], outs[1])
 
 
 
@@ -183,12 +184,61 @@ def test_cpu_ops_do_not_depend_on_thread_count(ext, dtype):
         for n in (1, 2):
             torch.set_num_threads(n)
             s = clone_state(st)
-            ext.broyden_reduce(*(s[a] for a in ("U", "V", "dz", "dg", "g", "status", "npairs", "proj",
-                                                "scal")))
-            ext.broyden_expand_(*(s[a] for a in ("U", "V", "dz", "dg", "g", "z", "proj", "scal",
-                                                 "status", "npairs")))
+            ext.broyden_reduce(*args_of(s, REDUCE_ARGS))
+            ext.broyden_expand_(*args_of(s, EXPAND_ARGS))
             outs.append(s)
     finally:
         torch.set_num_threads(threads)
-    for k in st:
-        assert torch.equal(outs[0][k], outs[1][k]), k
+    assert not states_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,m", [(3, 7, 30), (4, 1024 + 5, 12)])
+def test_passes_on_a_history_not_yet_full(ext, device, dtype, B, D, m):
+    """A ring of m allocated only up to the pairs stored so far (fewer chunks than m needs):
+    the passes read and write only the allocated chunks, as the twin does."""
+    st = history_state(B, m, D, dtype, device, seed=_seed("partial", B, D, m, dtype))
+    st["npairs"].copy_(torch.tensor([4, 0, 5, 2][:B]))
+    st["status"][:] = int(Status.ACTIVE)
+    st["U"], st["V"] = st["U"][:2], st["V"][:2]  # 2 chunks of 3: slots 0..5 (the next one too)
+    for op, names in (("broyden_reduce", REDUCE_ARGS), ("broyden_expand_", EXPAND_ARGS)):
+        before, want = clone_state(st), clone_state(st)
+        getattr(ext, op)(*args_of(st, names))
+        getattr(reference, op)(*args_of(want, names))
+        assert_states_match(st, want, before, dtype)
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "cuda-emu"])
+def test_passes_refuse_unallocated_slots(compiled, kernels):
+    """A sample whose pairs reach past the allocated chunks is an error, not a stray write
+    (checked where the counters live on the host: the CPU kernels and the emulation)."""
+    ops = _extension.ops() if kernels == "cpu" else _extension.emulated_ops()
+    if ops is None:
+        pytest.skip("deq_ext._C_emu not built")
+    B, m, D = 2, 12, 5
+    st = history_state(B, m, D, torch.float64, "cpu", seed=21)
+    st["status"][:] = int(Status.ACTIVE)
+    st["npairs"].copy_(torch.tensor([6, 1]))  # reads 6 pairs, writes slot 6: 7 slots
+    st["U"], st["V"] = st["U"][:2], st["V"][:2]  # only 6 allocated
+    with pytest.raises(RuntimeError, match="history slots"):
+        ops.broyden_expand_(*args_of(st, EXPAND_ARGS))
+    with pytest.raises(RuntimeError, match="history slots"):
+        reference.broyden_expand_(*args_of(st, EXPAND_ARGS))
+
+
+def test_residual_counts_pending_and_active(ext, device):
+    """counts = (pending, active) after the update; with batch-wide stopping (freeze_converged
+    False) an active sample already below tol is not pending."""
+    st = residual_state(6, 33, torch.float64, torch.float64, device, seed=17)
+    r = (st["fz"].double() - st["z"].double()).norm(dim=1)
+    tol = _tol_between(r[torch.isfinite(r)])
+    for freeze in (True, False):
+        s, want = clone_state(st), clone_state(st)
+        params = (tol, False, 0, 1e3, True, freeze)
+        ext.residual_status_(*args_of(s, RESIDUAL_ARGS), *params)
+        reference.residual_status_(*args_of(want, RESIDUAL_ARGS), *params)
+        active = s["status"] == Status.ACTIVE
+        pending = active & ~(s["res_abs"] < tol) if not freeze else active
+        assert s["counts"].tolist() == [int(pending.sum()), int(active.sum())]
+        assert torch.equal(s["counts"], want["counts"])
+        assert int(s["tickets"].abs().sum()) == 0  # every block counter is left at zero

@@ -17,34 +17,31 @@ import deq_ext
 _CHECK = textwrap.dedent("""
     import torch, deq_ext
     from deq_ext import reference
-    from tests.helpers import anderson_state, clone_state, history_state, with_reduced_scalars
-    from tests.helpers import assert_states_match
+    from tests.helpers import EXPAND_ARGS, MIX_ARGS, REDUCE_ARGS, anderson_state, args_of
+    from tests.helpers import assert_states_match, clone_state, history_state, with_reduced_scalars
     print(deq_ext.build_info()["cpu_kernels"])
     ops = torch.ops.deq_ext
     for dtype, hist in ((torch.float64, torch.float64), (torch.float32, torch.float32),
                         (torch.float32, torch.bfloat16)):
         st = history_state(3, 5, 4096 + 37, dtype, "cpu", seed=7)
-        st["U"], st["V"] = st["U"].to(hist), st["V"].to(hist)
+        st["U"], st["V"] = [t.to(hist) for t in st["U"]], [t.to(hist) for t in st["V"]]
         st = with_reduced_scalars(st, gen_seed=3)
         want, before = clone_state(st), clone_state(st)
-        args = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
-        ops.broyden_reduce(*(st[a] for a in args))
-        reference.broyden_reduce(*(want[a] for a in args))
-        args = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")
-        ops.broyden_expand_(*(st[a] for a in args))
-        reference.broyden_expand_(*(want[a] for a in args))
+        ops.broyden_reduce(*args_of(st, REDUCE_ARGS))
+        reference.broyden_reduce(*args_of(want, REDUCE_ARGS))
+        ops.broyden_expand_(*args_of(st, EXPAND_ARGS))
+        reference.broyden_expand_(*args_of(want, EXPAND_ARGS))
         for k in ("U", "V"):
-            st[k], want[k], before[k] = st[k].to(dtype), want[k].to(dtype), before[k].to(dtype)
+            st[k], want[k], before[k] = ([t.to(dtype) for t in x[k]] for x in (st, want, before))
         if hist == dtype:
             assert_states_match(st, want, before, dtype)
         else:
             torch.testing.assert_close(st["z"], want["z"], rtol=2e-5, atol=2e-5)
         ast = anderson_state(3, 4, 4096 + 37, dtype, "cpu", seed=8)
         ast["nhist"].clamp_(min=1)
-        aw, ab = clone_state(ast), clone_state(ast)
-        margs = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
-        ops.anderson_mix_(*(ast[a] for a in margs), 0.8, 1e-2)
-        reference.anderson_mix_(*(aw[a] for a in margs), 0.8, 1e-2)
+        aw = clone_state(ast)
+        ops.anderson_mix_(*args_of(ast, MIX_ARGS), 0.8)
+        reference.anderson_mix_(*args_of(aw, MIX_ARGS), 0.8)
         torch.testing.assert_close(ast["z"], aw["z"], rtol=1e-6, atol=1e-6)
     print("ok")
 """)

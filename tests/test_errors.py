@@ -98,39 +98,61 @@ def test_empty_batch_is_handled(shape):
     assert calls["n"] == 0
 
 
-def test_ops_reject_mismatched_devices(ext):
-    B, m, D = 2, 3, 5
-    U = torch.zeros(B, m, D, dtype=torch.float64)
+def _reduce_args(B: int = 2, m: int = 3, D: int = 5) -> list:
+    """Valid arguments of broyden_reduce (float64 state), to break one at a time."""
+    U = [torch.zeros(B, m, D, dtype=torch.float64)]
     vec = torch.zeros(B, D, dtype=torch.float64)
     proj, scal = reference.new_scratch(B, m, torch.float64, "cpu")
     status = torch.zeros(B, dtype=torch.int64)
+    partials = torch.zeros(B * (3 * m + 2), dtype=torch.float64)
+    tickets = torch.zeros(B + 1, dtype=torch.int32)
+    return [U, [U[0].clone()], vec, vec.clone(), vec.clone(), status, status.clone(), proj, scal,
+            partials, tickets, m]
+
+
+def test_ops_reject_mismatched_devices(ext):
+    args = _reduce_args()
+    args[3] = args[3].to("meta")
     with pytest.raises(RuntimeError, match="is on meta"):
-        ext.broyden_reduce(U, U.clone(), vec, vec.to("meta"), vec, status, status.clone(), proj, scal)
+        ext.broyden_reduce(*args)
 
 
 def test_ops_reject_bad_shapes_and_dtypes(ext):
-    B, m, D = 2, 3, 5
-    U = torch.zeros(B, m, D, dtype=torch.float64)
-    vec = torch.zeros(B, D, dtype=torch.float64)
-    proj, scal = reference.new_scratch(B, m, torch.float64, "cpu")
-    status = torch.zeros(B, dtype=torch.int64)
-    args = [U, U.clone(), vec, vec.clone(), vec.clone(), status, status.clone(), proj, scal]
+    args = _reduce_args()
+    B, D = args[2].shape
     bad_shape = list(args)
     bad_shape[3] = torch.zeros(B, D + 1, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="'dg' has shape"):
         ext.broyden_reduce(*bad_shape)
     bad_dtype = list(args)
-    bad_dtype[1] = U.float()
+    bad_dtype[1] = [args[0][0].float()]
     with pytest.raises(RuntimeError, match="'V' has dtype"):
         ext.broyden_reduce(*bad_dtype)
     bad_status = list(args)
-    bad_status[5] = status.int()
+    bad_status[5] = args[5].int()
     with pytest.raises(RuntimeError, match="'status' must be Long"):
         ext.broyden_reduce(*bad_status)
     non_contig = list(args)
     non_contig[2] = torch.zeros(D, B, dtype=torch.float64).t()
     with pytest.raises(RuntimeError, match="contiguous"):
         ext.broyden_reduce(*non_contig)
+    bad_chunks = list(args)
+    bad_chunks[0] = [torch.zeros(B, 2, D, dtype=torch.float64), torch.zeros(B, 3, D,
+                                                                          dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match="the last one with at most C slots"):
+        ext.broyden_reduce(*bad_chunks)
+    no_chunks = list(args)
+    no_chunks[0] = []
+    with pytest.raises(RuntimeError, match="list of 1 to 64 history chunks"):
+        ext.broyden_reduce(*no_chunks)
+    bad_ring = list(args)
+    bad_ring[-1] = 0
+    with pytest.raises(RuntimeError, match="ring length m must be >= 1"):
+        ext.broyden_reduce(*bad_ring)
+    bad_scratch = list(args)
+    bad_scratch[10] = args[10].long()
+    with pytest.raises(RuntimeError, match="'tickets' must be a 1-d int32"):
+        ext.broyden_reduce(*bad_scratch)
 
 
 def test_residual_op_rejects_bad_tol(ext):
@@ -138,10 +160,12 @@ def test_residual_op_rejects_bad_tol(ext):
     v = torch.zeros(B, D)
     s = torch.zeros(B)
     i = torch.zeros(B, dtype=torch.int64)
+    counts = torch.zeros(2, dtype=torch.int64)
+    partials, tickets = torch.zeros(2 * B, dtype=torch.float64), torch.zeros(B + 1, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="tol"):
         ext.residual_status_(v, v, v.clone(), v.clone(), v.clone(), s, s.clone(), s.clone(),
-                             s.clone(), i, i.clone(), i.clone(), i.clone(),
-                             -1.0, False, 0, 10.0, True, True)
+                             s.clone(), i, i.clone(), i.clone(), i.clone(), counts, partials,
+                             tickets, -1.0, False, 0, 10.0, True, True)
 
 
 def test_diverging_sample_never_crashes_the_batch():
@@ -169,7 +193,10 @@ def test_broyden_workspace_counts_the_state_a_solve_allocates():
     ws = deq_ext.solvers.broyden_workspace(z0, max_iter=7)
     assert (ws["B"], ws["D"]) == (4, 15)
     assert ws["history"] == 2 * 4 * 7 * 15 * 4  # U and V, (B, m, D) float32, m = max_iter
+    assert ws["history_chunk"] == 2 * 4 * 7 * 15 * 4  # m = 7 fits in one chunk of 8
     assert ws["total"] > ws["history"]
     more = deq_ext.solvers.broyden_workspace(z0, max_iter=7, memory=3)
     assert ws["history"] - more["history"] == 2 * 4 * 4 * 15 * 4
-    assert ws["total"] - more["total"] == ws["history"] - more["history"] + 4 * 3 * 4 * 4  # proj
+    # proj (B, 3, m) and the kernels' partial sums (3m + 2 per sample and CUDA block)
+    assert ws["total"] - more["total"] == ws["history"] - more["history"] + 4 * 3 * 4 * 4 \
+        + 4 * 3 * 4 * 8

@@ -220,12 +220,12 @@ class LayerChange:
 def forward_f_rows(model: nn.Module) -> tuple[int, int]:
     """Rows f was evaluated on in the last pass's forward solves: (with compaction, without).
 
-    With compaction f sees each sample once per evaluation of that sample (its nfev); without,
+    With compaction f sees the solver's buckets (counted by the solver: ``f_rows``); without,
     every call evaluates the whole batch, and there are as many calls as the busiest sample's
     nfev. (0, 0) outside ``deq`` mode. Reads from the device.
     """
     stats = [s["forward"] for s in getattr(model.core, "solver_stats", []) if "forward" in s]
-    used = sum(int(s.nfev.sum()) for s in stats)
+    used = sum(s.f_rows if s.f_rows is not None else int(s.nfev.sum()) for s in stats)
     whole_batch = sum(int(s.nfev.max()) * s.nfev.numel() for s in stats if s.nfev.numel())
     return used, whole_batch
 

@@ -51,6 +51,7 @@ import deq_ext
 from deq_ext import _extension, reference
 from deq_ext.bench.bandwidth import fused_bytes, torchdeq_matvecs, torchdeq_update
 from deq_ext.bench.config import BandwidthSizes
+from deq_ext.solvers._base import scratch_partials
 from deq_ext.status import Status
 
 DEVICES = ("cpu", "cuda")
@@ -217,13 +218,19 @@ def residual_state(inp: _Inputs) -> dict[str, torch.Tensor]:
     """State of residual_status_: f(z) close to z, every best residual at inf (all improve)."""
     B, D = inp.p.batch, inp.p.dim
     z = inp.randn(B, D)
+    dev = inp.p.torch_device
+    m = inp.p.m
     return dict(
         z=z, fz=z + inp.randn(B, D, scale=0.1), g=inp.randn(B, D, scale=0.1),
         dg=inp.randn(B, D, scale=0.1), z_best=inp.randn(B, D),
         best_abs=inp.full(math.inf), best_rel=inp.full(math.inf),
         res_abs=inp.full(math.inf), res_rel=inp.full(math.inf), status=inp.status(),
         nstep=inp.full(0, torch.int64), nfev=inp.full(0, torch.int64),
-        stall=inp.full(0, torch.int64))
+        stall=inp.full(0, torch.int64), counts=torch.zeros(2, dtype=torch.int64, device=dev),
+        # The CUDA kernels' scratch, sized for the largest op as a solve sizes it.
+        partials=torch.zeros(scratch_partials(B, D, max(3 * m + 2, m), 2 * m * m + m),
+                             dtype=torch.float64, device=dev),
+        tickets=torch.zeros(B + 1, dtype=torch.int32, device=dev), m=m)
 
 
 def broyden_state(inp: _Inputs) -> dict[str, torch.Tensor]:
@@ -231,7 +238,8 @@ def broyden_state(inp: _Inputs) -> dict[str, torch.Tensor]:
     p = inp.p
     B, D, m = p.batch, p.dim, p.m
     st = residual_state(inp)
-    st.update(U=inp.randn(B, m, D, scale=D ** -0.5), V=inp.randn(B, m, D, scale=D ** -0.5),
+    # The history as one chunk of m slots (the list the ops take).
+    st.update(U=[inp.randn(B, m, D, scale=D ** -0.5)], V=[inp.randn(B, m, D, scale=D ** -0.5)],
               dz=inp.randn(B, D, scale=0.1), npairs=inp.full(m, torch.int64))
     st["proj"], st["scal"] = reference.new_scratch(B, m, p.torch_dtype, p.torch_device)
     # expand_ reads what reduce wrote: fill proj/scal once, with the twin for every impl.
@@ -246,19 +254,21 @@ def anderson_state(inp: _Inputs) -> dict[str, torch.Tensor]:
     st = residual_state(inp)
     G = inp.randn(B, m, D, scale=D ** -0.5)
     gram = torch.bmm(G.double(), G.double().transpose(1, 2)).to(p.torch_dtype)
-    st.update(X=inp.randn(B, m, D), G=G, gram=gram.contiguous(),
+    st.update(X=[inp.randn(B, m, D)], G=[G], gram=gram.contiguous(),
               alpha=torch.full((B, m), 1.0 / m, dtype=p.torch_dtype, device=p.torch_device),
               fallback=inp.full(0, torch.int64), nhist=inp.full(m, torch.int64))
     return st
 
 
 RESIDUAL_ARGS = ("fz", "z", "g", "dg", "z_best", "best_abs", "best_rel", "res_abs", "res_rel",
-                 "status", "nstep", "nfev", "stall")
-RESIDUAL_MUTATES = RESIDUAL_ARGS[2:]
-REDUCE_ARGS = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal")
-EXPAND_ARGS = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs")
-STORE_ARGS = ("X", "G", "gram", "z", "g", "status", "nhist")
-MIX_ARGS = ("X", "G", "gram", "z", "alpha", "fallback", "status", "nhist")
+                 "status", "nstep", "nfev", "stall", "counts", "partials", "tickets")
+RESIDUAL_MUTATES = RESIDUAL_ARGS[2:13]
+REDUCE_ARGS = ("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal", "partials",
+               "tickets", "m")
+EXPAND_ARGS = ("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs", "tickets", "m")
+STORE_ARGS = ("X", "G", "gram", "z", "g", "alpha", "fallback", "status", "nhist", "partials",
+              "tickets", "m")
+MIX_ARGS = ("X", "G", "z", "alpha", "status", "nhist", "m")
 
 
 def _bytes(p: Point, rows: int) -> int:
@@ -279,11 +289,11 @@ def _expand(ops: Any, st: dict) -> None:
 
 
 def _store(ops: Any, st: dict) -> None:
-    ops.anderson_store_(*(st[k] for k in STORE_ARGS))
+    ops.anderson_store_(*(st[k] for k in STORE_ARGS), LAM)
 
 
 def _mix(ops: Any, st: dict) -> None:
-    ops.anderson_mix_(*(st[k] for k in MIX_ARGS), BETA, LAM)
+    ops.anderson_mix_(*(st[k] for k in MIX_ARGS), BETA)
 
 
 def _fixed_point(ops: Any, st: dict) -> None:
@@ -299,15 +309,16 @@ def _residual_reset(st: dict) -> Callable[[], None]:
 
 
 def _expand_reset(st: dict) -> Callable[[], None]:
-    return _restorer([st["U"][:, _SLOT], st["V"][:, _SLOT], st["dz"], st["z"], st["npairs"]])
+    return _restorer([st["U"][0][:, _SLOT], st["V"][0][:, _SLOT], st["dz"], st["z"], st["npairs"]])
 
 
 def _store_reset(st: dict) -> Callable[[], None]:
-    return _restorer([st["X"][:, _SLOT], st["G"][:, _SLOT], st["gram"], st["nhist"]])
+    return _restorer([st["X"][0][:, _SLOT], st["G"][0][:, _SLOT], st["gram"], st["nhist"],
+                      st["alpha"], st["fallback"]])
 
 
 def _mix_reset(st: dict) -> Callable[[], None]:
-    return _restorer([st["z"], st["alpha"], st["fallback"]])
+    return _restorer([st["z"]])
 
 
 def residual_status_case(ops: Any, p: Point) -> Case:
@@ -396,8 +407,8 @@ def torchdeq_broyden_iteration_case(p: Point) -> Case:
 
     matvec, rmatvec, _ = torchdeq_matvecs()
     st = broyden_state(_Inputs(p, "broyden"))
-    Us = st["U"].transpose(1, 2).contiguous()
-    VTs = st["V"]
+    Us = st["U"][0].transpose(1, 2).contiguous()
+    VTs = st["V"][0]
     x, fz, gx = st["z"], st["fz"], st["g"]
     x_prev = x - st["dz"]
     restore_ring = _restorer([Us[:, :, _SLOT], VTs[:, _SLOT]])

@@ -2,7 +2,7 @@
 // The pure-PyTorch twin is deq_ext/reference.py (anderson_weights).
 #pragma once
 
-#include "broyden_math.h"
+#include "history.h"
 
 namespace deq_ext {
 

@@ -1,6 +1,7 @@
-// CPU kernels of Anderson acceleration and damped fixed-point iteration.
-// Same structure as broyden_cpu.cpp: parallel over (active sample, fixed chunk
-// of D), partial sums combined in chunk order, accumulation in double.
+// CPU kernels of Anderson acceleration. Same structure as broyden_cpu.cpp: parallel over
+// (active sample, fixed chunk of D), partial sums combined in chunk order, accumulation in
+// double. The store op also solves for the next mixing weights (the Gram matrix is complete
+// once the new entry's row is in), so that the mixing op is one pass over the history.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,28 +16,14 @@
 namespace deq_ext {
 namespace {
 
-template <typename scalar_t>
-void fixed_point_impl(const at::Tensor& zt, const at::Tensor& gt, const at::Tensor& status,
-                      double tau) {
-  using acc_t = at::acc_type<scalar_t, false>;
-  const auto act = active_samples(status);
-  const int64_t D = zt.size(1);
-  scalar_t* z = zt.data_ptr<scalar_t>();
-  const scalar_t* g = gt.data_ptr<scalar_t>();
-  for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
-    for (int64_t d = b * D + lo; d < b * D + hi; ++d)
-      z[d] = z[d] + static_cast<scalar_t>(static_cast<acc_t>(tau) * g[d]);
-  });
-}
-
 template <typename scalar_t, typename hist_t>
-void store_impl(const AndersonArgs& t) {
+void store_impl(const AndersonArgs& t, double lam) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
-  const int64_t m = t.X.size(1), D = t.X.size(2), nch = num_chunks(D);
-  hist_t* X = t.X.data_ptr<hist_t>();
-  hist_t* G = t.G.data_ptr<hist_t>();
+  const int64_t m = t.m, D = t.z.size(1), nch = num_chunks(D);
+  const auto X = chunks_of<hist_t>(t.X);
+  const auto G = chunks_of<hist_t>(t.G);
   const scalar_t* z = t.z.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
   int64_t* nhist = t.nhist.data_ptr<int64_t>();
@@ -45,16 +32,19 @@ void store_impl(const AndersonArgs& t) {
   std::vector<acc_t> part(act.size() * nch * m, acc_t(0));
   for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
     const int64_t slot = nhist[b] % m, n = std::min(nhist[b] + 1, m);
-    hist_t* xs = X + (b * m + slot) * D;
-    hist_t* gs = G + (b * m + slot) * D;
+    hist_t* xs = X.row(b, slot);
+    hist_t* gs = G.row(b, slot);
     for (int64_t d = lo; d < hi; ++d) {
       xs[d] = static_cast<hist_t>(z[b * D + d]);
       gs[d] = static_cast<hist_t>(g[b * D + d]);
     }
     acc_t* out = part.data() + (i * nch + c) * m;
-    for (int64_t j = 0; j < n; ++j) out[j] = dot<hist_t, acc_t>(G + (b * m + j) * D, gs, lo, hi);
+    for (int64_t j = 0; j < n; ++j) out[j] = dot<hist_t, acc_t>(G.row(b, j), gs, lo, hi);
   });
   scalar_t* gram = t.gram.data_ptr<scalar_t>();
+  scalar_t* alpha = t.alpha.data_ptr<scalar_t>();
+  int64_t* fallback = t.fallback.data_ptr<int64_t>();
+  std::vector<acc_t> K(m * m), work(m * m), w(m);
   for (size_t i = 0; i < act.size(); ++i) {
     const int64_t b = act[i], slot = nhist[b] % m, n = std::min(nhist[b] + 1, m);
     for (int64_t j = 0; j < n; ++j) {
@@ -64,6 +54,12 @@ void store_impl(const AndersonArgs& t) {
       gram[(b * m + j) * m + slot] = static_cast<scalar_t>(tot);
     }
     nhist[b] += 1;
+    // The next mixing weights, from the stored (rounded) Gram matrix; the newest is `slot`.
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < n; ++c) K[r * n + c] = gram[(b * m + r) * m + c];
+    if (!anderson_weights<acc_t>(K.data(), n, n, slot, lam, work.data(), w.data()))
+      fallback[b] += 1;
+    for (int64_t j = 0; j < m; ++j) alpha[b * m + j] = static_cast<scalar_t>(j < n ? w[j] : 0);
   }
 }
 
@@ -80,26 +76,15 @@ DEQ_EXT_CPU_CLONES(template <typename hist_t DEQ_EXT_COMMA typename acc_t>, mix_
                    (x, r, a, bt, len, acc))
 
 template <typename scalar_t, typename hist_t>
-void mix_impl(const AndersonArgs& t, double beta, double lam) {
+void mix_impl(const AndersonArgs& t, double beta) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
-  const int64_t m = t.X.size(1), D = t.X.size(2);
-  const scalar_t* gram = t.gram.data_ptr<scalar_t>();
-  scalar_t* alpha = t.alpha.data_ptr<scalar_t>();
-  int64_t* fallback = t.fallback.data_ptr<int64_t>();
+  const int64_t m = t.m, D = t.z.size(1);
+  const scalar_t* alpha = t.alpha.data_ptr<scalar_t>();
   const int64_t* nhist = t.nhist.data_ptr<int64_t>();
-  std::vector<acc_t> K(m * m), work(m * m), w(m);
-  for (int64_t b : act) {
-    const int64_t n = std::min(nhist[b], m), newest = (nhist[b] - 1) % m;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) K[i * n + j] = gram[(b * m + i) * m + j];
-    if (!anderson_weights<acc_t>(K.data(), n, n, newest, lam, work.data(), w.data()))
-      fallback[b] += 1;
-    for (int64_t i = 0; i < m; ++i) alpha[b * m + i] = static_cast<scalar_t>(i < n ? w[i] : 0);
-  }
-  const hist_t* X = t.X.data_ptr<hist_t>();
-  const hist_t* G = t.G.data_ptr<hist_t>();
+  const auto X = chunks_of<const hist_t>(t.X);
+  const auto G = chunks_of<const hist_t>(t.G);
   scalar_t* z = t.z.data_ptr<scalar_t>();
   const acc_t bt = static_cast<acc_t>(beta);
   for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
@@ -110,7 +95,7 @@ void mix_impl(const AndersonArgs& t, double beta, double lam) {
       std::fill(acc, acc + len, acc_t(0));
       for (int64_t j = 0; j < n; ++j) {
         const acc_t a = alpha[b * m + j];
-        mix_accumulate(X + (b * m + j) * D + lo2, G + (b * m + j) * D + lo2, a, bt, len, acc);
+        mix_accumulate(X.row(b, j) + lo2, G.row(b, j) + lo2, a, bt, len, acc);
       }
       for (int64_t d = 0; d < len; ++d) z[b * D + lo2 + d] = static_cast<scalar_t>(acc[d]);
     }
@@ -119,24 +104,18 @@ void mix_impl(const AndersonArgs& t, double beta, double lam) {
 
 }  // namespace
 
-void fixed_point_step_cpu(const at::Tensor& z, const at::Tensor& g, const at::Tensor& status,
-                          double tau) {
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "fixed_point_step_cpu",
-                             [&] { fixed_point_impl<scalar_t>(z, g, status, tau); });
-}
-
-void anderson_store_cpu(const AndersonArgs& t) {
+void anderson_store_cpu(const AndersonArgs& t, double lam) {
   AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_store_cpu", [&] {
-    dispatch_history<scalar_t>(t.X.scalar_type(), [&](auto h) {
-      store_impl<scalar_t, typename decltype(h)::type>(t);
+    dispatch_history<scalar_t>(t.X.front().scalar_type(), [&](auto h) {
+      store_impl<scalar_t, typename decltype(h)::type>(t, lam);
     });
   });
 }
 
-void anderson_mix_cpu(const AndersonArgs& t, double beta, double lam) {
+void anderson_mix_cpu(const AndersonArgs& t, double beta) {
   AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "anderson_mix_cpu", [&] {
-    dispatch_history<scalar_t>(t.X.scalar_type(), [&](auto h) {
-      mix_impl<scalar_t, typename decltype(h)::type>(t, beta, lam);
+    dispatch_history<scalar_t>(t.X.front().scalar_type(), [&](auto h) {
+      mix_impl<scalar_t, typename decltype(h)::type>(t, beta);
     });
   });
 }

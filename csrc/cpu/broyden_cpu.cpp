@@ -1,6 +1,6 @@
-// CPU kernels of the Broyden solver: parallel over (active sample, fixed-size
-// chunk of D); see chunks.h. Accumulation is in double (at::acc_type on CPU),
-// like the reference twin.
+// CPU kernels of the Broyden solver's two passes over the history: parallel over (active
+// sample, fixed-size chunk of D); see chunks.h. Accumulation is in double (at::acc_type on
+// CPU), like the reference twin. The history is a list of chunks (common/history.h).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -17,82 +17,17 @@ namespace {
 // Pairs accumulated together in the expansion pass.
 constexpr int64_t kPairGroup = 4;
 
-template <typename scalar_t, typename fz_t>
-void residual_status_impl(const ResidualArgs& t, const StatusParams& p) {
-  using acc_t = at::acc_type<scalar_t, false>;
-  const auto act = active_samples(t.status);
-  if (act.empty()) return;
-  const int64_t D = t.z.size(1), nch = num_chunks(D);
-  std::vector<double> part(act.size() * nch * 2, 0.0);
-
-  const fz_t* fz = t.fz.data_ptr<fz_t>();
-  const scalar_t* z = t.z.data_ptr<scalar_t>();
-  scalar_t* g = t.g.data_ptr<scalar_t>();
-  scalar_t* dg = t.dg.data_ptr<scalar_t>();
-  for_each_chunk(act, D, [&](int64_t i, int64_t b, int64_t c, int64_t lo, int64_t hi) {
-    acc_t sg[kLanes] = {}, sf[kLanes] = {};
-    const int64_t o = b * D;
-    for (int64_t d0 = lo; d0 < hi; d0 += kLanes) {
-      const int64_t n = std::min(kLanes, hi - d0);
-      for (int64_t l = 0; l < n; ++l) {
-        const int64_t d = o + d0 + l;
-        const scalar_t f = static_cast<scalar_t>(fz[d]);
-        const scalar_t gn = f - z[d];
-        dg[d] = gn - g[d];
-        g[d] = gn;
-        sg[l] += static_cast<acc_t>(gn) * gn;
-        sf[l] += static_cast<acc_t>(f) * f;
-      }
-    }
-    part[(i * nch + c) * 2 + 0] = sum_lanes(sg);
-    part[(i * nch + c) * 2 + 1] = sum_lanes(sf);
-  });
-
-  scalar_t* z_best = t.z_best.data_ptr<scalar_t>();
-  scalar_t* best_abs = t.best_abs.data_ptr<scalar_t>();
-  scalar_t* best_rel = t.best_rel.data_ptr<scalar_t>();
-  scalar_t* res_abs = t.res_abs.data_ptr<scalar_t>();
-  scalar_t* res_rel = t.res_rel.data_ptr<scalar_t>();
-  int64_t* status = t.status.data_ptr<int64_t>();
-  int64_t* nstep = t.nstep.data_ptr<int64_t>();
-  int64_t* nfev = t.nfev.data_ptr<int64_t>();
-  int64_t* stall = t.stall.data_ptr<int64_t>();
-  at::parallel_for(0, static_cast<int64_t>(act.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = act[i];
-      double sg = 0, sf = 0;
-      for (int64_t c = 0; c < nch; ++c) {
-        sg += part[(i * nch + c) * 2 + 0];
-        sf += part[(i * nch + c) * 2 + 1];
-      }
-      const double best = static_cast<double>(p.use_rel ? best_rel[b] : best_abs[b]);
-      const StatusUpdate r = update_status(sg, sf, best, stall[b], p);
-      res_abs[b] = static_cast<scalar_t>(r.res_abs);
-      res_rel[b] = static_cast<scalar_t>(r.res_rel);
-      stall[b] = r.stall;
-      nfev[b] += 1;
-      if (p.count_step) nstep[b] += 1;
-      if (r.improved) {
-        best_abs[b] = static_cast<scalar_t>(r.res_abs);
-        best_rel[b] = static_cast<scalar_t>(r.res_rel);
-        std::copy(z + b * D, z + (b + 1) * D, z_best + b * D);
-      }
-      status[b] = r.status;
-    }
-  });
-}
-
 template <typename scalar_t, typename hist_t>
 void reduce_impl(const HistoryArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
-  const int64_t m = t.U.size(1), D = t.U.size(2), nch = num_chunks(D);
+  const int64_t m = t.m, D = t.dz.size(1), nch = num_chunks(D);
   const int64_t Q = 3 * m + 2;  // a, b, c per pair, then dz.dg and dz.g
   std::vector<acc_t> part(act.size() * nch * Q, acc_t(0));
 
-  const hist_t* U = t.U.data_ptr<hist_t>();
-  const hist_t* V = t.V.data_ptr<hist_t>();
+  const auto U = chunks_of<const hist_t>(t.U);
+  const auto V = chunks_of<const hist_t>(t.V);
   const scalar_t* dz = t.dz.data_ptr<scalar_t>();
   const scalar_t* dg = t.dg.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
@@ -104,8 +39,7 @@ void reduce_impl(const HistoryArgs& t) {
     const scalar_t* gb = g + b * D;
     const int64_t k = stored_pairs(npairs[b], m);
     for (int64_t j = 0; j < k; ++j) {
-      dot3(U + (b * m + j) * D, V + (b * m + j) * D, dzb, dgb, gb, lo, hi, &out[j], &out[m + j],
-           &out[2 * m + j]);
+      dot3(U.row(b, j), V.row(b, j), dzb, dgb, gb, lo, hi, &out[j], &out[m + j], &out[2 * m + j]);
     }
     acc_t s1, s2, unused;  // dz.dg and dz.g (the third product repeats dz.g)
     dot3(dzb, dzb, dgb, gb, gb, lo, hi, &s1, &s2, &unused);
@@ -198,10 +132,10 @@ void expand_impl(const HistoryArgs& t) {
   using acc_t = at::acc_type<scalar_t, false>;
   const auto act = active_samples(t.status);
   if (act.empty()) return;
-  const int64_t m = t.U.size(1), D = t.U.size(2);
+  const int64_t m = t.m, D = t.dz.size(1);
 
-  hist_t* U = t.U.data_ptr<hist_t>();
-  hist_t* V = t.V.data_ptr<hist_t>();
+  const auto U = chunks_of<hist_t>(t.U);
+  const auto V = chunks_of<hist_t>(t.V);
   scalar_t* dz = t.dz.data_ptr<scalar_t>();
   const scalar_t* dg = t.dg.data_ptr<scalar_t>();
   const scalar_t* g = t.g.data_ptr<scalar_t>();
@@ -233,8 +167,8 @@ void expand_impl(const HistoryArgs& t) {
           // Missing pairs of the last group read pair j0 with zero weights.
           const int64_t j = t < nj ? j0 + t : j0;
           const bool real = t < nj;
-          u[t] = U + (b * m + j) * D + lo2;
-          v[t] = V + (b * m + j) * D + lo2;
+          u[t] = U.row(b, j) + lo2;
+          v[t] = V.row(b, j) + lo2;
           aj[t] = real ? acc_t(a[j]) : acc_t(0);
           bj[t] = real ? acc_t(a[m + j]) : acc_t(0);
           // The pair in `slot` is replaced by the new one, so it leaves the step.
@@ -243,8 +177,8 @@ void expand_impl(const HistoryArgs& t) {
         accumulate_pairs(u, v, aj, bj, cj, len, sUb, sUc, sVa);
       }
       const int64_t o = b * D + lo2;
-      finish_step(U + (b * m + slot) * D + lo2, V + (b * m + slot) * D + lo2, dz + o, dg + o,
-                  g + o, z + o, sUb, sUc, sVa, den, vg, valid, len);
+      finish_step(U.row(b, slot) + lo2, V.row(b, slot) + lo2, dz + o, dg + o, g + o, z + o, sUb,
+                  sUc, sVa, den, vg, valid, len);
     }
   });
   const scalar_t* sc = scal;
@@ -254,26 +188,9 @@ void expand_impl(const HistoryArgs& t) {
 
 }  // namespace
 
-const char* cpu_kernel_isa() {
-#ifdef DEQ_EXT_AVX2_CLONES
-  if (cpu_has_avx2_fma()) return "avx2";
-#endif
-  return "baseline";
-}
-
-void residual_status_cpu(const ResidualArgs& t, const StatusParams& p) {
-  AT_DISPATCH_FLOATING_TYPES(t.z.scalar_type(), "residual_status_cpu", [&] {
-    using state_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.fz.scalar_type(),
-                                    "residual_status_cpu_fz", [&] {
-                                      residual_status_impl<state_t, scalar_t>(t, p);
-                                    });
-  });
-}
-
 void broyden_reduce_cpu(const HistoryArgs& t) {
   AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_reduce_cpu", [&] {
-    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+    dispatch_history<scalar_t>(t.U.front().scalar_type(), [&](auto h) {
       reduce_impl<scalar_t, typename decltype(h)::type>(t);
     });
   });
@@ -281,7 +198,7 @@ void broyden_reduce_cpu(const HistoryArgs& t) {
 
 void broyden_expand_cpu(const HistoryArgs& t) {
   AT_DISPATCH_FLOATING_TYPES(t.dz.scalar_type(), "broyden_expand_cpu", [&] {
-    dispatch_history<scalar_t>(t.U.scalar_type(), [&](auto h) {
+    dispatch_history<scalar_t>(t.U.front().scalar_type(), [&](auto h) {
       expand_impl<scalar_t, typename decltype(h)::type>(t);
     });
   });

@@ -11,7 +11,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "../common/broyden_math.h"
+#include "../common/status.h"
 
 // The hot loops are compiled twice: for the x86-64 baseline (SSE2) and for AVX2 + FMA,
 // chosen at run time. With double accumulators the baseline's two-lane vectors, not memory,

@@ -2,7 +2,8 @@
 // compiled as host C++ and executed (and checked) on a machine without a GPU.
 //
 // What it models:
-// * Blocks run one after another on the calling OS thread. The threads of a block
+// * Blocks run one after another on the calling OS thread, in the schedule's order (forward,
+//   reverse or seeded random), so that any block can be the last of a launch. The threads of a block
 //   are cooperative fibers with their own stacks; a fiber runs until it reaches a
 //   synchronisation point (__syncthreads, a warp shuffle or vote, __syncwarp) or
 //   returns, and the scheduler then runs the highest-priority runnable fiber.
@@ -33,6 +34,7 @@
 // (csrc/emu/rewrite_launches.py does both). Launches are serialised process-wide.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -294,10 +296,28 @@ class Runtime {
     gridDim = grid;
     blockDim = block;
     ++stats_.launches;
+    for (const uint3& b : block_order(grid)) run_block(b);
+    ++launch_index_;
+  }
+
+  // The order in which the blocks of a launch run follows the schedule too (forward, reverse,
+  // or a seeded permutation per launch): on a GPU any block may finish last, and the last-block
+  // pattern must hand the finishing work to whichever one does.
+  std::vector<uint3> block_order(dim3 grid) const {
+    std::vector<uint3> order;
+    order.reserve(static_cast<size_t>(grid.x) * grid.y * grid.z);
     for (unsigned z = 0; z < grid.z; ++z)
       for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) run_block(uint3{x, y, z});
-    ++launch_index_;
+        for (unsigned x = 0; x < grid.x; ++x) order.push_back(uint3{x, y, z});
+    if (schedule_ == Schedule::kReverse) {
+      std::reverse(order.begin(), order.end());
+    } else if (schedule_ == Schedule::kRandom) {
+      std::seed_seq seq{static_cast<uint32_t>(seed_), static_cast<uint32_t>(seed_ >> 32),
+                        static_cast<uint32_t>(launch_index_), 0xb10c5u};
+      std::mt19937_64 rng(seq);
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+    return order;
   }
 
   void set_schedule(Schedule s, uint64_t seed) {
@@ -780,6 +800,23 @@ inline Stats stats() { return runtime().stats(); }
 // ---------------------------------------------------------------------------
 // Synchronisation and warp intrinsics (the call site is recorded for errors)
 // ---------------------------------------------------------------------------
+
+// Atomics, fences and cache-hinted loads. Blocks run one after another and a thread only yields
+// at a synchronisation point, so a read-modify-write is atomic as written and a fence has
+// nothing left to order; which block finishes last is varied by the block order instead.
+template <typename T>
+inline T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline void __threadfence() {}
+
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
 
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   deq_emu::runtime().syncthreads({file, line});

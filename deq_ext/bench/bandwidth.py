@@ -9,6 +9,7 @@ import torch
 
 import deq_ext
 from deq_ext import _extension
+from deq_ext.solvers._base import scratch_partials
 from deq_ext.status import Status
 
 from .config import BandwidthSizes, Config
@@ -54,6 +55,11 @@ def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] 
     npairs = torch.full((B,), m, dtype=torch.int64, device=dev)
     proj = torch.zeros(B, 3, m, dtype=dt, device=dev)
     scal = torch.zeros(B, 5, dtype=dt, device=dev)
+    # The CUDA kernels' scratch, sized as a solve sizes it; the history is one chunk of m slots.
+    partials = torch.zeros(scratch_partials(B, sizes.dim, 3 * m + 2), dtype=torch.float64,
+                           device=dev)
+    tickets = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+    U, V = [st["U"]], [st["V"]]
     # expand_ rewrites ring slot npairs % m = 0, dz and z, and bumps npairs: restore them
     # before each call so every timed call does the same full-ring work on the same values.
     keep = {"u0": st["U"][:, 0].clone(), "v0": st["V"][:, 0].clone(),
@@ -67,10 +73,11 @@ def fused_passes_time(cfg: Config, sizes: BandwidthSizes, active: Optional[int] 
         npairs.fill_(m)
 
     def body() -> None:
-        ops.broyden_reduce(st["U"], st["V"], st["dz"], st["dg"], st["g"], status, npairs, proj, scal)
+        ops.broyden_reduce(U, V, st["dz"], st["dg"], st["g"], status, npairs, proj, scal, partials,
+                           tickets, m)
         # expand_ reads the valid flag reduce just wrote into scal.
-        ops.broyden_expand_(st["U"], st["V"], st["dz"], st["dg"], st["g"], st["z"], proj, scal,
-                           status, npairs)
+        ops.broyden_expand_(U, V, st["dz"], st["dg"], st["g"], st["z"], proj, scal, status,
+                            npairs, tickets, m)
 
     return median(time_calls(dev, body, reset, sizes.reps))
 

@@ -18,18 +18,24 @@ import math
 import operator
 import warnings
 from dataclasses import dataclass, fields, replace
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from .. import _extension
-from .._tree import map_tensors
 from ..result import SolverResult
-from ..status import Status
+from ..status import NUM_COUNTS, PENDING_COUNT, Status
+from ._buckets import Bucket, CompactionTimer, bucket_size, rows_first, take_rows
+from ._counts import CountReader
+from ._graph import GraphRunner
+from ._memory import ensure_fits
 
 Func = Callable[..., torch.Tensor]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Iterations per replayed CUDA graph (graph=True) unless check_every says otherwise.
+DEFAULT_GRAPH_ITERATIONS = 4
 
 
 def _is_int(value) -> bool:
@@ -84,20 +90,13 @@ def validate_positive(name: str, value, upper: Optional[float] = None) -> None:
         raise ValueError(f"{name} must be a positive finite number{bound}, got {value!r}")
 
 
-def take_rows(x, rows: torch.Tensor, batch: int):
-    """The ``rows`` of every batched tensor in ``x`` (dim 0 of size ``batch``), also inside lists,
-    tuples (named too) and dicts; everything else is returned unchanged."""
-    return map_tensors(
-        lambda t: t.index_select(0, rows) if t.dim() >= 1 and t.shape[0] == batch else t, x)
-
-
 @dataclass(frozen=True)
 class SolveOptions:
     """The options every method takes, as keyword arguments of :func:`deq_ext.broyden`,
     :func:`deq_ext.anderson` and :func:`deq_ext.fixed_point` (documented on ``broyden``)."""
 
     inputs: tuple = ()
-    compact: Optional[bool] = None
+    compact: Union[bool, str, None] = "auto"
     max_iter: int = 50
     tol: float = 1e-3
     stop_mode: str = "abs"
@@ -107,10 +106,11 @@ class SolveOptions:
     diverge_ratio: float = 1e6
     trace: bool = False
     stop_early: bool = True
-    check_every: int = 1
+    check_every: Optional[int] = None
     return_state: bool = False
     use_reference: bool = False
     record: Optional[tuple] = None
+    graph: bool = False
 
     @classmethod
     def of(cls, method: str, f, z0: torch.Tensor, options: dict) -> "SolveOptions":
@@ -123,12 +123,25 @@ class SolveOptions:
         opts = cls(**options)
         validate_common(f, z0, opts.max_iter, opts.tol, opts.stop_mode, opts.stall_patience,
                         opts.diverge_ratio)
-        validate_positive_int("check_every", opts.check_every)
+        if not isinstance(opts.graph, bool):
+            raise TypeError(f"graph must be True or False, got {opts.graph!r}")
+        if opts.graph and z0.device.type != "cuda":
+            raise ValueError(f"graph=True replays the solver loop as a CUDA graph and needs z0 on a "
+                             f"CUDA device, got {z0.device} (leave graph=False elsewhere)")
+        # With a graph the host reads the counts between replays of check_every iterations.
+        check_every = opts.check_every if opts.check_every is not None else (
+            DEFAULT_GRAPH_ITERATIONS if opts.graph else 1)
+        validate_positive_int("check_every", check_every)
         record = _checked_record(opts.record, opts.max_iter)
-        # Compaction by default only with inputs: an f that closes over batched tensors
-        # cannot be handed a subset of the rows.
-        return replace(opts, inputs=tuple(opts.inputs), record=record,
-                       compact=bool(opts.inputs) if opts.compact is None else opts.compact)
+        compact = "auto" if opts.compact is None else opts.compact
+        if compact not in (True, False, "auto"):
+            raise ValueError(f"compact must be True, False or 'auto', got {compact!r}")
+        # An f that closes over batched tensors cannot be handed a subset of the rows: "auto"
+        # compacts only an f with inputs to gather.
+        if compact == "auto" and not opts.inputs:
+            compact = False
+        return replace(opts, inputs=tuple(opts.inputs), record=record, compact=compact,
+                       check_every=check_every)
 
 
 def _checked_record(record, max_iter: int) -> Optional[tuple]:
@@ -149,41 +162,90 @@ def _checked_record(record, max_iter: int) -> Optional[tuple]:
     return tuple(steps)
 
 
+def scratch_partials(B: int, D: int, per_chunk: int, per_sample: int = 0) -> int:
+    """float64 elements of the CUDA kernels' partial sums: ``per_chunk`` per (sample, block of
+    CUDA_CHUNK values) plus ``per_sample`` per sample (csrc/cuda; the CPU kernels use none)."""
+    return B * (math.ceil(D / CUDA_CHUNK) * per_chunk + per_sample)
+
+
+# Values of D per CUDA block (kChunk in csrc/cuda/launch.cuh): sizes the kernels' scratch.
+CUDA_CHUNK = 1024
+
+
 class MaskedSolve:
-    """State and loop of one batched solve; subclasses implement :meth:`step`."""
+    """State and loop of one batched solve; subclasses implement :meth:`step`.
+
+    The loop body is :meth:`iterate`: every state update is in place (no tensor is rebound
+    inside the loop), traces and recorded iterates go into preallocated buffers, and the scratch
+    of the ops lives here, so the body allocates nothing of its own and a CUDA graph of it
+    (``graph=True``, :mod:`._graph`) always reads and writes the live buffers. :meth:`run` only
+    decides when to read the counts (:mod:`._counts`) and when to change f's bucket
+    (:mod:`._buckets`).
+    """
+
+    def partials_layout(self) -> tuple[int, int]:
+        """float64 partial sums the CUDA kernels need per (sample, block) and per sample: the
+        residual op's two; a method with larger passes says more."""
+        return 2, 0
 
     def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions) -> None:
         self.f, self.inputs = f, opts.inputs
         # Compaction needs the active count on the host, which only stop_early reads.
-        self.compact = bool(opts.compact) and opts.stop_early
+        self.compact = opts.compact if opts.stop_early else False
         self.shape, self.dtype, self.device = z0.shape, z0.dtype, z0.device
         self.max_iter, self.tol = opts.max_iter, float(opts.tol)
         self.use_rel = opts.stop_mode == "rel"
         self.per_sample, self.stall_patience = opts.per_sample, opts.stall_patience
         self.diverge_ratio = float(opts.diverge_ratio)
-        self.trace, self.stop_early, self.check_every = opts.trace, opts.stop_early, opts.check_every
+        assert opts.check_every is not None  # (resolved by SolveOptions.of)
+        self.trace, self.stop_early = opts.trace, opts.stop_early
+        self.check_every: int = opts.check_every
+        self.graph = opts.graph
         self.ops = self._pick_ops(opts.use_reference)
 
         B = z0.shape[0]
         self.B, self.D = B, z0.numel() // B
         self.state_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        self.state_nbytes = self.state_bytes(B, self.D, self.state_dtype)
         # Any strided z0 is accepted: the state is a fresh contiguous copy.
         self.z = z0.detach().reshape(B, self.D).to(self.state_dtype).clone(
             memory_format=torch.contiguous_format)
         # Compacted evaluations are scattered into this buffer (rows of finished samples go stale).
-        self.fz_rows = torch.empty(B, self.D, dtype=z0.dtype, device=self.device) if self.compact else None
+        self.fz_rows = torch.empty(self.shape, dtype=z0.dtype, device=self.device) \
+            if self.compact else None
         self.g, self.dg = self.zeros(self.D), self.zeros(self.D)
         self.z_best = self.z.clone()
         self.best_abs, self.best_rel = self.full(math.inf), self.full(math.inf)
         self.res_abs, self.res_rel = self.full(math.inf), self.full(math.inf)
         self.status = self.full(int(Status.ACTIVE), torch.int64)
         self.nstep, self.nfev, self.stall = (self.full(0, torch.int64) for _ in range(3))
-        self.abs_trace: list[torch.Tensor] = []
-        self.rel_trace: list[torch.Tensor] = []
+        # (pending, active) after every update, and the kernels' scratch (zero between launches).
+        self.counts = torch.zeros(NUM_COUNTS, dtype=torch.int64, device=self.device)
+        self.partials = torch.zeros(scratch_partials(B, self.D, *self.partials_layout()),
+                                    dtype=torch.float64, device=self.device)
+        self.tickets = torch.zeros(B + 1, dtype=torch.int32, device=self.device)
+        # Residuals after every evaluation (trace=True): one column per evaluation, the next one
+        # a device counter, so that a replayed graph writes the next column.
+        self.n_records = 0
+        if self.trace:
+            self.abs_trace = torch.empty(B, self.max_iter + 1, dtype=self.state_dtype,
+                                         device=self.device)
+            self.rel_trace = torch.empty_like(self.abs_trace)
+            self.trace_at = torch.zeros(1, dtype=torch.int64, device=self.device)
         # record=[k, ...]: copies of the iterate the solve would return after step k, only those.
         self.return_final = opts.return_final
         self.record_steps = opts.record or ()
-        self.snapshots: dict[int, torch.Tensor] = {}
+        self.snapshot_slot = {k: i for i, k in enumerate(sorted(set(self.record_steps)))}
+        if self.snapshot_slot:
+            self.snapshots = torch.empty(len(self.snapshot_slot), B, self.D,
+                                         dtype=self.state_dtype, device=self.device)
+        self.snapshot_taken: set[int] = set()
+        self.timer: Optional[CompactionTimer] = None
+        if self.compact == "auto" and self.device.type == "cuda":
+            self.timer = CompactionTimer()
+        self.compacting = bool(self.compact)
+        self.capturing = False  # set while a CUDA graph of the loop body is being captured
+        self.f_rows = 0  # rows f was evaluated on, over the solve
 
     def zeros(self, *shape: int) -> torch.Tensor:
         """A zeroed per-sample state tensor ``(B, *shape)`` of the state dtype."""
@@ -203,24 +265,53 @@ class MaskedSolve:
             return _extension.ops(force_reference=True)
         return _extension.ops()
 
-    # -- f and the fused ops ---------------------------------------------------------------
-    def evaluate(self, z: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """f at z, checked and flattened to (B, D).
-
-        With ``rows`` (compaction), f only sees those samples, and of every
-        batched input the same rows; the other rows of the result are stale and
-        must not be read (the masked ops don't).
-        """
+    # -- f, its buckets and the fused ops --------------------------------------------------------
+    def bucket(self, rows: Optional[torch.Tensor]) -> Bucket:
+        """The bucket of ``rows`` (None: the whole batch): f's inputs gathered once, and the
+        buffers every evaluation of the bucket reuses."""
         if rows is None:
-            out = self.f(z.view(self.shape).to(self.dtype), *self.inputs)
-            return self._checked(out, self.shape).reshape(self.B, self.D).contiguous()
+            shape = tuple(self.shape)
+            z_view = self.z.view(shape)
+            cast = self.dtype != self.state_dtype
+            z_in = torch.empty(shape, dtype=self.dtype, device=self.device) if cast else z_view
+            return Bucket(None, self.B, self.inputs, shape, None, z_in, cast)
         n = rows.numel()
-        inputs = [take_rows(x, rows, self.B) for x in self.inputs]
         shape = (n,) + tuple(self.shape[1:])
-        out = self.f(z.index_select(0, rows).view(shape).to(self.dtype), *inputs)
-        assert self.fz_rows is not None  # allocated whenever rows can be given (compaction)
-        self.fz_rows.index_copy_(0, rows, self._checked(out, shape).reshape(n, self.D))
-        return self.fz_rows
+        gathered = torch.empty(n, self.D, dtype=self.state_dtype, device=self.device)
+        cast = self.dtype != self.state_dtype
+        z_in = torch.empty(shape, dtype=self.dtype, device=self.device) if cast \
+            else gathered.view(shape)
+        inputs = tuple(take_rows(x, rows, self.B) for x in self.inputs)
+        return Bucket(rows, n, inputs, shape, gathered, z_in, cast)
+
+    def evaluate(self, z: torch.Tensor, bucket: Bucket) -> torch.Tensor:
+        """f at ``z`` on the bucket's rows, checked. Returns f's output for the whole batch, or
+        (compacted) the buffer its rows were scattered into, whose other rows are stale and must
+        not be read (the masked ops don't)."""
+        timer = self.timer if self.timer is not None and not self.capturing \
+            and self.timer.wants(bucket) else None
+        begin = timer.start() if timer is not None else None
+        if bucket.rows is None:
+            if z is not self.z:  # (the line search's trial points)
+                z_in = z.view(bucket.shape).to(self.dtype)
+            else:
+                z_in = bucket.z_in
+                if bucket.cast:
+                    z_in.copy_(self.z.view(bucket.shape))
+            out = self._checked(self.f(z_in, *bucket.inputs), bucket.shape)
+        else:
+            assert bucket.gathered is not None and self.fz_rows is not None  # (compaction)
+            torch.index_select(z, 0, bucket.rows, out=bucket.gathered)
+            if bucket.cast:
+                bucket.z_in.copy_(bucket.gathered.view(bucket.shape))
+            out = self._checked(self.f(bucket.z_in, *bucket.inputs), bucket.shape)
+            self.fz_rows.index_copy_(0, bucket.rows, out)
+            out = self.fz_rows
+        if timer is not None and begin is not None:
+            timer.stop(bucket, begin)
+        bucket.evaluations += 1
+        self.f_rows += bucket.size
+        return out
 
     def _checked(self, out, shape) -> torch.Tensor:
         if not isinstance(out, torch.Tensor):
@@ -232,82 +323,109 @@ class MaskedSolve:
             raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype}")
         if out.device != self.device:
             raise ValueError(f"f must return a tensor on z0's device {self.device}, got {out.device}")
-        return out
+        return out if out.is_contiguous() else out.contiguous()
 
     def rows_of(self, mask: torch.Tensor, count: int) -> Optional[torch.Tensor]:
         """Indices of the ``count`` samples in ``mask`` (None: all of them), without a sync."""
-        if not self.compact or count == self.B:
+        if not self.compacting or count == self.B:
             return None
-        return torch.argsort((~mask).to(torch.uint8), stable=True)[:count]
+        return rows_first(mask, count)
 
     def narrow(self, rows: Optional[torch.Tensor]) -> None:
         """Tell an f that defines ``on_compact(rows)`` that every later call, until the next
-        one, gets a subset of ``rows`` (the active samples at this read; None: no compaction).
+        one, gets a subset of ``rows`` (the samples of a new bucket; None: no compaction).
         The layer's adjoint uses it to re-record f's graph on fewer rows."""
         hook = getattr(self.f, "on_compact", None)
         if rows is not None and hook is not None:
             hook(rows)
 
+    def rebucket(self, bucket: Bucket, n_active: int) -> Bucket:
+        """The bucket for ``n_active`` active samples: a new, smaller one when the count has
+        fallen to the next lower power of two (gathering rows and inputs once), else ``bucket``."""
+        if self.timer is not None and self.timer.decide() is False:
+            self.compacting, self.timer = False, None  # measured: compacting does not pay here
+            return self.bucket(None) if bucket.rows is not None else bucket
+        if not self.compacting:
+            return bucket
+        size = bucket_size(n_active, self.B)
+        if size >= bucket.size:
+            return bucket
+        rows = rows_first(self.status == Status.ACTIVE, size)
+        self.narrow(rows)
+        return self.bucket(rows)
+
     def record(self, fz: torch.Tensor, count_step: bool) -> None:
         self.ops.residual_status_(
             fz, self.z, self.g, self.dg, self.z_best, self.best_abs, self.best_rel,
             self.res_abs, self.res_rel, self.status, self.nstep, self.nfev, self.stall,
-            self.tol, self.use_rel, self.stall_patience, self.diverge_ratio, count_step,
-            self.per_sample)
+            self.counts, self.partials, self.tickets, self.tol, self.use_rel,
+            self.stall_patience, self.diverge_ratio, count_step, self.per_sample)
         if not self.per_sample:
             # Batch-wide stopping ends the solve when no sample is pending. Deciding it here, on
             # the device, freezes the batch at that very evaluation whenever the host looks.
-            done = ~self.pending().any()
-            self.status = torch.where(done, self.final_status(), self.status)
+            done = self.counts[PENDING_COUNT] == 0
+            self.status.copy_(torch.where(done, self.final_status(), self.status))
         if self.trace:
-            self.abs_trace.append(self.res_abs.clone())
-            self.rel_trace.append(self.res_rel.clone())
+            self.abs_trace.index_copy_(1, self.trace_at, self.res_abs.view(self.B, 1))
+            self.rel_trace.index_copy_(1, self.trace_at, self.res_rel.view(self.B, 1))
+            self.trace_at += 1
+        self.n_records += 1
 
     def step(self) -> None:
         """Move z for the active samples (one solver step)."""
         raise NotImplementedError
 
-    def after_evaluation(self, fz: torch.Tensor) -> torch.Tensor:
+    def prepare(self, it: int) -> bool:
+        """Before step ``it`` (0-based): allocate what the step may use (the history); True when
+        buffers the loop body uses were added or moved."""
+        return False
+
+    def after_evaluation(self, fz: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         """Hook between evaluating f at the new z and recording it (Broyden's line search)."""
         return fz
 
-    def pending(self) -> torch.Tensor:
-        """Mask of the samples the loop still has to wait for."""
-        active = self.status == Status.ACTIVE
-        if self.per_sample:
-            return active
-        objective = self.res_rel if self.use_rel else self.res_abs
-        return active & ~(objective < self.tol)
-
-    def counts(self) -> tuple[int, int]:
-        """(pending, active) sample counts: the loop's one device-to-host read."""
-        active = self.status == Status.ACTIVE
-        n_pending, n_active = torch.stack([self.pending().sum(), active.sum()]).tolist()
-        return int(n_pending), int(n_active)
+    def iterate(self, bucket: Bucket) -> None:
+        """One iteration: a step, f at the new z on the bucket's rows, the residual update."""
+        self.step()
+        fz = self.after_evaluation(self.evaluate(self.z, bucket), bucket)
+        self.record(fz, count_step=True)
 
     def snapshot(self, step: int) -> None:
         """Keep the iterate the solve would return now, if ``record`` asks for ``step``."""
-        if step in self.record_steps:
-            self.snapshots[step] = (self.z if self.return_final else self.z_best).clone()
+        slot = self.snapshot_slot.get(step)
+        if slot is not None:
+            self.snapshots[slot].copy_(self.z if self.return_final else self.z_best)
+            self.snapshot_taken.add(step)
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
-        self.record(self.evaluate(self.z), count_step=False)
+        bucket = self.bucket(None)
+        self.record(self.evaluate(self.z, bucket), count_step=False)
         self.snapshot(0)
-        rows = None
-        for it in range(self.max_iter):
-            if self.stop_early and it % self.check_every == 0:
-                n_pending, n_active = self.counts()
-                if n_pending == 0:
-                    break
-                # Until the next read, samples that finish stay among the rows: f is evaluated
-                # on their frozen z and the masked ops ignore the result.
-                rows = self.rows_of(self.status == Status.ACTIVE, n_active)
-                self.narrow(rows)
-            self.step()
-            fz = self.after_evaluation(self.evaluate(self.z, rows))
-            self.record(fz, count_step=True)
-            self.snapshot(it + 1)
+        reader = CountReader(self.counts) if self.stop_early else None
+        if reader is not None:
+            reader.push()
+        runner = GraphRunner(self) if self.graph else None
+        it = 0
+        while it < self.max_iter:
+            if reader is not None and (runner is not None or it % self.check_every == 0):
+                counts = reader.read()
+                if counts is not None:
+                    n_pending, n_active = counts
+                    if n_pending == 0:
+                        break
+                    bucket = self.rebucket(bucket, n_active)
+            done = runner.advance(bucket, it) if runner is not None else 0
+            if done == 0:  # eagerly, one iteration
+                self.prepare(it)
+                self.iterate(bucket)
+                self.snapshot(it + 1)
+                done = 1
+            it += done
+            if reader is not None and (runner is not None or it % self.check_every == 0):
+                reader.push()
+        if runner is not None:
+            runner.close()
         self.finish()
 
     def final_status(self) -> torch.Tensor:
@@ -320,31 +438,60 @@ class MaskedSolve:
         return torch.where(status == Status.ACTIVE, int(Status.MAX_ITER), status)
 
     def finish(self) -> None:
-        self.status = self.final_status()
+        self.status.copy_(self.final_status())
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The internal tensors attached with ``return_state=True``."""
         names = ("z", "g", "dg", "z_best", "best_abs", "best_rel")
         return {n: getattr(self, n) for n in names}
 
+    # (B, D) vectors of the state besides the history: z, g, dg, z_best, compaction's fz buffer
+    # and a bucket's gathered rows (an estimate for the memory check, made before allocating).
+    state_vectors = 6
+
+    @classmethod
+    def state_bytes(cls, B: int, D: int, dtype: torch.dtype) -> int:
+        """Bytes of the state besides the history, about (for the memory check)."""
+        return cls.state_vectors * B * D * dtype.itemsize
+
+    def history_of(self):
+        """The method's :class:`~._history.History`, if it keeps one."""
+        return None
+
+    def workspace(self) -> dict[str, int]:
+        """Bytes of the state now, the history counted as a full ring (see workspace_bytes)."""
+        tensors = {id(t): t for t in vars(self).values() if isinstance(t, torch.Tensor)}
+        state = sum(t.nbytes for t in tensors.values())
+        if self.compact:  # a bucket's gathered rows: at most half the batch, once
+            state += (self.B // 2) * self.D * self.z.element_size()
+        history = self.history_of()
+        full = history.bytes_at(history.m) if history is not None else 0
+        chunk = history.bytes_of(history.C) if history is not None else 0
+        return {"total": state + full, "history": full, "history_chunk": chunk,
+                "B": self.B, "D": self.D}
+
     def result(self, return_final: bool, return_state: bool) -> SolverResult:
         z = self.z if return_final else self.z_best
         res_abs = self.res_abs if return_final else self.best_abs
         res_rel = self.res_rel if return_final else self.best_rel
+        n = self.n_records
         return SolverResult(
             z=z.view(self.shape).to(self.dtype),
             abs_residual=res_abs.clone(), rel_residual=res_rel.clone(),
             nstep=self.nstep, nfev=self.nfev, status=self.status,
-            abs_trace=torch.stack(self.abs_trace, 1) if self.trace else None,
-            rel_trace=torch.stack(self.rel_trace, 1) if self.trace else None,
+            abs_trace=self.abs_trace[:, :n].clone() if self.trace else None,
+            rel_trace=self.rel_trace[:, :n].clone() if self.trace else None,
             state=self.state_tensors() if return_state else None,
-            recorded=self.recorded(z) if self.record_steps else None)
+            recorded=self.recorded(z) if self.record_steps else None, f_rows=self.f_rows)
 
     def recorded(self, final: torch.Tensor) -> list[torch.Tensor]:
         """The requested snapshots as z0-shaped tensors; steps never reached (every sample had
         stopped) are the final iterate, which frozen samples would have repeated."""
-        return [self.snapshots.get(k, final).view(self.shape).to(self.dtype, copy=True)
-                for k in self.record_steps]
+        out = []
+        for k in self.record_steps:
+            z = self.snapshots[self.snapshot_slot[k]] if k in self.snapshot_taken else final
+            out.append(z.view(self.shape).to(self.dtype, copy=True))
+        return out
 
 
 # The data-dependent loop is a deliberate graph break for torch.compile: it runs eagerly
@@ -360,8 +507,15 @@ def run_solve(solve_cls, f: Func, z0: torch.Tensor, opts: SolveOptions,
     with torch.no_grad():
         if z0.shape[0] == 0 or z0.numel() == 0:
             return _empty_result(z0, opts.trace, opts.record)
+        if opts.stop_early and z0.device.type == "meta":
+            raise ValueError("a solve on the meta device cannot read from it: pass stop_early=False "
+                             "(a sync-free solve of exactly max_iter steps)")
         if opts.stop_early and not bool(torch.isfinite(z0).all()):
             raise ValueError("z0 contains NaN or inf values")
+        B = z0.shape[0]
+        state_dtype = torch.float64 if z0.dtype == torch.float64 else torch.float32
+        ensure_fits(solve_cls.state_bytes(B, z0.numel() // B, state_dtype), z0.device,
+                    "the solver state")
         solve = solve_cls(f, z0, opts, **method_options)
         solve.run()
         return solve.result(opts.return_final, opts.return_state)
@@ -370,13 +524,12 @@ def run_solve(solve_cls, f: Func, z0: torch.Tensor, opts: SolveOptions,
 def workspace_bytes(solve_cls, z0: torch.Tensor, opts: SolveOptions,
                     **method_options) -> dict[str, int]:
     """Bytes of the state a solve of ``z0`` allocates, without running it (z0 may be on the
-    meta device): ``total`` and ``history`` (the method's (B, m, D) buffers), ``B`` and ``D``."""
+    meta device): ``total`` (everything, the history as if the ring were full: the most the solve
+    can hold), ``history`` (the method's ring buffers when full), ``history_chunk`` (what one
+    growth of the history adds), ``B`` and ``D``."""
     with torch.no_grad():
         solve = solve_cls(None, z0, opts, **method_options)
-    tensors = {id(t): t for t in vars(solve).values() if isinstance(t, torch.Tensor)}
-    history = sum(t.nbytes for t in tensors.values() if t.dim() == 3 and t.shape[-1] == solve.D)
-    return {"total": sum(t.nbytes for t in tensors.values()), "history": history,
-            "B": solve.B, "D": solve.D}
+    return solve.workspace()
 
 
 def _empty_result(z0: torch.Tensor, trace: bool, record: Optional[tuple]) -> SolverResult:

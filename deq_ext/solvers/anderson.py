@@ -28,29 +28,46 @@ from ._base import (
     validate_positive,
     validate_positive_int,
 )
+from ._history import History
 
 
 class _AndersonSolve(MaskedSolve):
-    """Anderson state: iterates X and residuals G (B, m, D), their Gram matrix (B, m, m)."""
+    """Anderson state: a ring of m iterates X and residuals G (grown in chunks), their Gram
+    matrix (B, m, m) and the next mixing weights (B, m)."""
 
     def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
                  beta: float, lam: float, history_dtype: Optional[torch.dtype]) -> None:
+        self.m = memory
         super().__init__(f, z0, opts)
         self.beta, self.lam = float(beta), float(lam)
-        hist = history_dtype or self.state_dtype
-        self.X = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
-        self.G = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
+        self.history = History(("X", "G"), self.B, self.D, memory,
+                               history_dtype or self.state_dtype, self.device)
         self.gram, self.alpha = self.zeros(memory, memory), self.zeros(memory)
         self.nhist, self.fallbacks = self.full(0, torch.int64), self.full(0, torch.int64)
 
+    def partials_layout(self) -> tuple[int, int]:
+        # Gram-row dots per entry; per sample the weights' solve (K, its factor, the weights).
+        return max(2, self.m), 2 * self.m * self.m + self.m
+
+    def history_of(self) -> History:
+        return self.history
+
+    def prepare(self, it: int) -> bool:
+        # Step `it` stores entry nhist <= it into slot nhist % m.
+        return self.history.reserve(it + 1, held=self.state_nbytes)
+
     def step(self) -> None:
-        self.ops.anderson_store_(self.X, self.G, self.gram, self.z, self.g, self.status, self.nhist)
-        self.ops.anderson_mix_(self.X, self.G, self.gram, self.z, self.alpha, self.fallbacks,
-                               self.status, self.nhist, self.beta, self.lam)
+        X, G = self.history["X"], self.history["G"]
+        self.ops.anderson_store_(X, G, self.gram, self.z, self.g, self.alpha, self.fallbacks,
+                                 self.status, self.nhist, self.partials, self.tickets, self.m,
+                                 self.lam)
+        self.ops.anderson_mix_(X, G, self.z, self.alpha, self.status, self.nhist, self.m,
+                               self.beta)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("X", "G", "gram", "alpha", "nhist")
-        return {**super().state_tensors(), **{n: getattr(self, n) for n in names}}
+        return {**super().state_tensors(), "X": self.history.full("X"),
+                "G": self.history.full("G"), "gram": self.gram, "alpha": self.alpha,
+                "nhist": self.nhist}
 
     def result(self, return_final: bool, return_state: bool) -> SolverResult:
         res = super().result(return_final, return_state)

@@ -27,31 +27,46 @@ from ._base import (
     validate_positive_int,
     workspace_bytes,
 )
+from ._buckets import Bucket
+from ._history import History
 
 
 class _BroydenSolve(MaskedSolve):
-    """Broyden state: ring buffer U, V (B, m, D) of rank-1 pairs of H = -I + U V^T."""
+    """Broyden state: a ring of m rank-1 pairs (U, V) of H = -I + U V^T, grown in chunks."""
+
+    state_vectors = MaskedSolve.state_vectors + 1  # dz
 
     def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
                  line_search: bool, ls_max_iter: int,
                  history_dtype: Optional[torch.dtype]) -> None:
+        self.m = memory
         super().__init__(f, z0, opts)
         self.line_search, self.ls_max_iter = line_search, ls_max_iter
         self.dz = self.zeros(self.D)
-        hist = history_dtype or self.state_dtype
-        self.U = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
-        self.V = torch.zeros(self.B, memory, self.D, dtype=hist, device=self.device)
+        self.history = History(("U", "V"), self.B, self.D, memory,
+                               history_dtype or self.state_dtype, self.device)
         self.proj, self.scal = self.zeros(3, memory), self.zeros(NUM_SCALARS)
         self.npairs = self.full(0, torch.int64)
 
+    def partials_layout(self) -> tuple[int, int]:
+        return max(2, 3 * self.m + 2), 0  # U.dz, V.dg, V.g per pair, dz.dg, dz.g
+
+    def history_of(self) -> History:
+        return self.history
+
+    def prepare(self, it: int) -> bool:
+        # Step `it` reads the npairs <= it stored pairs and writes slot npairs % m.
+        return self.history.reserve(it + 1, held=self.state_nbytes)
+
     def step(self) -> None:
         """One Broyden update of the inverse Jacobian and one move of z, active samples only."""
-        self.ops.broyden_reduce(self.U, self.V, self.dz, self.dg, self.g, self.status,
-                                self.npairs, self.proj, self.scal)
-        self.ops.broyden_expand_(self.U, self.V, self.dz, self.dg, self.g, self.z, self.proj,
-                                 self.scal, self.status, self.npairs)
+        U, V = self.history["U"], self.history["V"]
+        self.ops.broyden_reduce(U, V, self.dz, self.dg, self.g, self.status, self.npairs,
+                                self.proj, self.scal, self.partials, self.tickets, self.m)
+        self.ops.broyden_expand_(U, V, self.dz, self.dg, self.g, self.z, self.proj, self.scal,
+                                 self.status, self.npairs, self.tickets, self.m)
 
-    def after_evaluation(self, fz: torch.Tensor) -> torch.Tensor:
+    def after_evaluation(self, fz: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         return self.armijo(fz) if self.line_search else fz
 
     # -- Armijo line search with a step size per sample -----------------------------------------
@@ -59,20 +74,25 @@ class _BroydenSolve(MaskedSolve):
         """Backtrack the step of every active sample whose residual did not drop enough.
 
         ``z`` has already moved by the full step ``dz``; ``g`` still holds the
-        residual before the step. Returns f at the accepted points.
+        residual before the step. Returns f at the accepted points, ``(B, D)``.
         """
+        B, D = self.B, self.D
         active = self.status == Status.ACTIVE
         acc = torch.float64
         phi0 = self.g.to(acc).pow(2).sum(1)
         step = self.dz.clone()
         z_old = self.z - step
+        fz = fz.reshape(B, D)
         best_fz, best_alpha = fz.clone(), torch.ones_like(phi0)
         best_phi = (fz.to(acc) - self.z.to(acc)).pow(2).sum(1).nan_to_num(math.inf)
         alpha, phi = best_alpha.clone(), best_phi.clone()
+        # Reading how many samples need a trial costs a sync per trial; without reads (and in a
+        # CUDA graph) every trial runs, masked.
+        reads = self.stop_early and not self.graph
         for _ in range(self.ls_max_iter):
             need = active & ~(phi <= phi0 * (1 - c1 * alpha)) & (alpha > alpha_min)
             rows = None
-            if self.stop_early:  # else every trial runs, masked: no read from the device
+            if reads:
                 n_need = int(need.sum())
                 if n_need == 0:
                     break
@@ -82,7 +102,8 @@ class _BroydenSolve(MaskedSolve):
             quad = torch.where(torch.isfinite(quad), quad, 0.5 * alpha)
             alpha = torch.where(need, quad.clamp(0.1 * alpha, 0.5 * alpha), alpha)
             trial = z_old + alpha.to(step.dtype)[:, None] * step
-            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z), rows)
+            fz_trial = self.evaluate(torch.where(need[:, None], trial, self.z),
+                                     self.bucket(rows)).reshape(B, D)
             self.nfev += need
             phi_t = (fz_trial.to(acc) - trial.to(acc)).pow(2).sum(1).nan_to_num(math.inf)
             phi = torch.where(need, phi_t, phi)
@@ -90,13 +111,15 @@ class _BroydenSolve(MaskedSolve):
             best_phi = torch.where(better, phi_t, best_phi)
             best_alpha = torch.where(better, alpha, best_alpha)
             best_fz = torch.where(better[:, None], fz_trial, best_fz)
-        self.dz = torch.where(active[:, None], best_alpha.to(step.dtype)[:, None] * step, self.dz)
-        self.z = torch.where(active[:, None], z_old + self.dz, self.z)
+        self.dz.copy_(torch.where(active[:, None], best_alpha.to(step.dtype)[:, None] * step,
+                                  self.dz))
+        self.z.copy_(torch.where(active[:, None], z_old + self.dz, self.z))
         return best_fz
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("dz", "U", "V", "npairs")
-        return {**super().state_tensors(), **{n: getattr(self, n) for n in names}}
+        """With the history as ``(B, capacity, D)`` tensors (copies of the chunks)."""
+        return {**super().state_tensors(), "dz": self.dz, "U": self.history.full("U"),
+                "V": self.history.full("V"), "npairs": self.npairs}
 
 
 @solves_structured_states
@@ -131,19 +154,25 @@ def broyden(
             inside lists, tuples and dicts. Anything else (non-tensors, tensors
             of another leading size) is passed unchanged. To pass an unbatched
             tensor whose dim 0 happens to be B, close over it in f instead.
-        compact: evaluate f only on the samples still active (gathering their
-            rows of z and of the batched inputs). Default: on when ``inputs``
-            are given, off otherwise (an f that closes over batched tensors
-            cannot be compacted). Set False for an f that mixes samples (batch
-            norm, attention across the batch): f then always sees the whole
-            batch and finished rows are ignored.
+        compact: evaluate f only on the samples still active, in power-of-two
+            buckets: the active rows padded with finished ones to a power of two,
+            gathered (rows of z and of the batched inputs) only when the active count
+            falls to the next lower power of two, so f runs on at most twice the
+            active rows. ``"auto"`` (default): on when ``inputs`` are given (an f that
+            closes over batched tensors cannot be compacted), on the CPU always, on a
+            GPU as long as the first compacted evaluation measured at least 3% cheaper
+            than a full one. True: always; False: f always sees the whole batch
+            (needed for an f that mixes samples: batch norm, attention across the
+            batch) and finished rows are ignored.
         max_iter: maximum solver steps per sample (>= 1).
         tol: per-sample stopping tolerance on the ``stop_mode`` residual.
         stop_mode: ``'abs'`` for ``||f(z)-z||``, ``'rel'`` for
             ``||f(z)-z|| / (||f(z)|| + 1e-9)``.
         memory: number of rank-1 pairs kept (history size m, a ring buffer);
-            defaults to ``max_iter`` (the whole history). A smaller ring bounds the
-            memory but can stall or diverge on hard solves:
+            defaults to ``max_iter`` (the whole history). The ring is allocated in
+            chunks of 8 pairs as the steps fill it, so a solve that stops after k
+            steps holds about k pairs whatever m is. A smaller ring bounds the
+            memory of long solves but can stall or diverge hard ones:
             ``python -m benchmarks.history_size`` measures it.
         history_dtype: store the history U, V in ``torch.bfloat16`` or ``torch.float16``
             instead of the state dtype (default): half the bytes of the largest buffer
@@ -163,17 +192,24 @@ def broyden(
         diverge_ratio: a sample whose residual exceeds this multiple of its best
             is flagged DIVERGED (non-finite residuals always are).
         trace: record the residuals after every evaluation (``abs_trace``, ``rel_trace``).
-        stop_early: check whether any sample is still pending (one
-            device-to-host read every ``check_every`` iterations) and stop when
-            none is. With False the solve never reads from the device: exactly
-            ``max_iter`` steps run (finished samples stay frozen), f sees the
-            whole batch, a non-finite z0 is not rejected up front but flags its
-            sample DIVERGED, and the loop can be captured in a CUDA graph. The
-            results are the same bits either way.
-        check_every: with ``stop_early``, read the pending count once every this
-            many iterations (>= 1). Finished samples are frozen, so the results
-            do not depend on it; only the wasted evaluations of f on finished
-            rows between two reads (and the length of the traces) do.
+        stop_early: check whether any sample is still pending and stop when none
+            is. The pending count is computed on the device and copied to the host
+            without waiting; on a GPU the host reads the copy of the check before
+            (one check late), so the loop never waits for the GPU. With False the
+            solve never reads from the device: exactly ``max_iter`` steps run
+            (finished samples stay frozen), f sees the whole batch, and a non-finite
+            z0 is not rejected up front but flags its sample DIVERGED. The results
+            are the same bits either way.
+        check_every: with ``stop_early``, read the counts once every this many
+            iterations (>= 1; default 1, or 4 with ``graph``: the iterations of one
+            replay). Finished samples are frozen, so the results do not depend on
+            it; only the wasted evaluations of f on finished rows between two reads
+            (and the length of the traces) do.
+        graph: replay the loop as CUDA graphs of ``check_every`` iterations (CUDA
+            only; :mod:`deq_ext.solvers._graph` lists what f must satisfy, and a
+            failed capture raises ``GraphCaptureError`` naming the cause). The whole
+            history is allocated up front. Same results, bit for bit, as the eager
+            loop on the same device.
         return_state: attach the internal tensors to the result (for debugging/tests).
         use_reference: run the pure-PyTorch reference ops instead of the extension.
         record: a list of step numbers ``k`` (0 <= k <= max_iter); ``result.recorded``
@@ -201,8 +237,10 @@ def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
     """Bytes of the state ``broyden(f, z0, ...)`` allocates, without running it.
 
     ``z0`` may live on the meta device. Returns ``total`` (every state tensor: iterate,
-    residuals, the history, compaction's buffer, per-sample vectors), ``history`` (U and V),
-    and the batch ``B`` and flattened size ``D``.
+    residuals, compaction's buffers, per-sample vectors, and the history as a full ring: the
+    most the solve can hold), ``history`` (U and V, full ring), ``history_chunk`` (the bytes
+    of one growth of the history: a solve that stops after k steps holds
+    ``ceil(k / chunk) * history_chunk``), and the batch ``B`` and flattened size ``D``.
     """
     opts, own = _checked(lambda z, *inputs: z, z0, memory, line_search, ls_max_iter,
                          history_dtype, options)
