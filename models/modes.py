@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deq_ext import SolverSettings, SolverStats, deq_fixed_point
+from deq_ext.precision import to_state_dtype
 
 from .regularization import Shared
 
@@ -185,7 +186,8 @@ class SequenceCore(nn.Module, ABC):
 
     # -- shared machinery ------------------------------------------------------------------------
     def state_dtype(self) -> torch.dtype:
-        """z is kept in the parameters' dtype, also under autocast (the solver needs one dtype)."""
+        """z is kept in the parameters' dtype, also under autocast (the DEQ layer casts f's
+        output to it, :mod:`deq_ext.precision`)."""
         return next(self.cell.parameters()).dtype
 
     def cell_inputs(self, x: torch.Tensor,
@@ -238,6 +240,9 @@ class SequenceCore(nn.Module, ABC):
                 z = checkpoint(self.cell, z, *inputs, use_reentrant=False)
             else:
                 z = self.cell(z, *inputs)
+            # Under autocast the cell may return autocast's dtype: cast as the DEQ layer casts
+            # f's output, so both modes apply the same f and keep z in the state dtype.
+            z = to_state_dtype(z, z0.dtype)
         return z
 
     # Run eagerly under torch.compile (the solver is a graph break anyway): traced code would

@@ -127,8 +127,7 @@ class DEQTransformerCell(nn.Module):
         else:
             h = self.ln_attn(a)
             out = self.ln_ff(h + self.feed_forward(h, ff_mask, ff_out_mask))
-        # Under autocast the result may be bf16; the solver keeps z in one dtype.
-        return out.to(z.dtype)
+        return out
 
 
 class DEQTransformerCore(SequenceCore):
