@@ -14,7 +14,7 @@ What counts as mixing samples (:func:`sample_mixers`):
 * ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm`` and the lazy variants when they use batch
   statistics: in training mode, or in eval mode without running statistics
   (``track_running_stats=False``);
-* a module or function marked with :func:`mixes_samples` (e.g. one that calls
+* a module, module class or function marked with :func:`mixes_samples` (e.g. one that calls
   ``F.batch_norm(..., training=True)`` or attends across the batch); ``mixes_samples(m, False)``
   marks one as row-wise, overriding the batch-norm rule.
 
@@ -62,9 +62,15 @@ def mixes_samples(obj: T, mixes: Optional[bool] = True) -> T:
     raise TypeError(f"mixes_samples takes an nn.Module or a function, got {type(obj).__name__}")
 
 
+def _mark(obj: Any) -> Optional[bool]:
+    """The mark of ``obj`` or of its class (looked up without nn.Module's slow ``__getattr__``)."""
+    mark = getattr(obj, "__dict__", {}).get(_MARK)
+    return getattr(type(obj), _MARK, None) if mark is None else mark
+
+
 def _mixes(obj: Any) -> Optional[str]:
     """Why ``obj`` mixes samples in its current mode, or None."""
-    mark = getattr(obj, _MARK, None)
+    mark = _mark(obj)
     if mark is not None:
         return "marked with deq_ext.mixes_samples" if mark else None
     if isinstance(obj, _BatchNorm):
@@ -91,11 +97,14 @@ def sample_mixers(f: Callable[..., Any]) -> list[str]:
     found: list[str] = []
     for root_name, root in _roots(f):
         if isinstance(root, nn.Module):
+            # One cheap pass over the modules (every forward call); names only for a finding.
+            if not any(_mixes(m) is not None for m in root.modules()):
+                continue
             for name, module in root.named_modules():
                 why = _mixes(module)
                 if why is not None:
-                    found.append(f"{root_name}.{name} ({type(module).__name__}): {why}"
-                                 if name else f"{root_name} ({type(module).__name__}): {why}")
+                    label = f"{root_name}.{name}" if name else root_name
+                    found.append(f"{label} ({type(module).__name__}): {why}")
         else:
             why = _mixes(root)
             if why is not None:

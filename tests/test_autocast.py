@@ -14,6 +14,7 @@ from torch import nn
 import deq_ext
 from deq_ext import DEQ, Status, compat
 
+
 class Cell(nn.Module):
     """The cell users write: tanh(lin(z) + inj(x)), no dtype handling at all."""
 
