@@ -101,14 +101,14 @@ def _warn_if_backward_diverged(status: torch.Tensor, nonfinite_grad: Optional[to
         return
     ids = torch.nonzero(diverged).flatten().tolist()
     bad = [] if nonfinite_grad is None else torch.nonzero(diverged & nonfinite_grad).flatten().tolist()
+    rest = [i for i in ids if i not in bad]
     parts = []
     if bad:
         parts.append(f"dL/dz* is not finite for samples {bad}: passed on as their gradient, so "
                      "a GradScaler sees the overflow and skips the step")
-    if len(bad) < len(ids):
-        parts.append("the others' gradient is the best finite iterate of the adjoint solve (is "
-                     "f contractive at z*?)" if bad else "their gradient is the best finite "
-                     "iterate of the adjoint solve (non-finite gradients, or f not contractive?)")
+    if rest:
+        parts.append(f"samples {rest} diverged from a finite dL/dz* (is f contractive at z*?): "
+                     "their gradient is the best finite iterate of the adjoint solve")
     warnings.warn(f"deq_ext: the backward (adjoint) solve diverged for samples {ids}; "
                   + "; ".join(parts), RuntimeWarning, stacklevel=stacklevel)
 
@@ -332,9 +332,11 @@ def deq_fixed_point(
             through ``phantom_steps`` damped steps from z*; 1 step and damping 1
             is the one-step / Jacobian-free gradient).
         compact: in the forward solve, evaluate f only on the active samples.
-            Set False for an f that mixes samples (e.g. batch statistics). A
-            ``compact`` among the forward settings' options overrides it. The
-            backward (adjoint) solve is compacted as the forward one is unless its
+            Set False for an f that mixes samples (e.g. batch statistics): a compacted
+            solve of an f with such a module (batch norm in training mode, or marked with
+            :func:`deq_ext.mixes_samples`) raises a ValueError naming it
+            (:mod:`deq_ext.mixing`). A ``compact`` among the forward settings' options
+            overrides it. The backward (adjoint) solve is compacted as the forward one is unless its
             settings say ``compact=False``: when its active samples fall to ``rerecord_below``
             (a backward option, default 0.5) times the rows of the graph its VJPs go
             through, f is applied once more at z* on those samples and the later VJPs
@@ -358,6 +360,12 @@ def deq_fixed_point(
             each with a phantom gradient (``phantom_steps`` damped steps of f from it), the
             last being z* with the ``grad_mode`` gradient. Without grad, the recorded
             iterates and z* as they are.
+
+    Under ``torch.autocast`` every call of f runs under the caller's autocast setting (the
+    backward's re-recordings too) and an output of autocast's dtype is cast to z0's dtype;
+    the solves' own arithmetic runs with autocast off (:mod:`deq_ext.precision`). The backward
+    settings' default ``stop_mode="grad"`` makes the adjoint solve's stop relative to each
+    sample's ``||dL/dz*||``, so a GradScaler's loss scale changes nothing once unscaled.
     """
     fwd = _settings(forward, DEFAULT_FORWARD)
     bwd = _settings(backward, DEFAULT_BACKWARD)
@@ -492,8 +500,9 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
         if not sync_free:
             _warn_if_backward_diverged(out.status, nonfinite, stacklevel=3)
         y = out.z if norm is None else _times_rows(out.z, norm)
-        # A non-finite dL/dz* goes on as is, as plain autograd would pass it: the parameters'
-        # gradients show it, so a GradScaler skips the step and lowers its scale.
+        # A non-finite dL/dz* goes on as is (normalizing left those rows unchanged), as plain
+        # autograd would pass it: the parameters' gradients show it, so a GradScaler skips the
+        # step and lowers its scale.
         return torch.where(finite_rows, y, grad)
 
     return result(_ImplicitGrad.apply(fz, z_leaf, backward_solve), states)

@@ -121,11 +121,11 @@ def check_compactable(f: Callable[..., Any], forward: bool, backward: bool) -> N
     if not mixers:
         return
     if forward:
-        where, fix = "the forward solve", "pass compact=False to the DEQ layer (or deq_fixed_point)"
+        where, fix = "the forward solve", "Pass compact=False to the DEQ layer (or deq_fixed_point)"
     else:
-        where, fix = "the adjoint solve (backward compact)", "pass backward=dict(compact=False)"
+        where, fix = "the adjoint solve", "Pass backward=dict(compact=False)"
     raise ValueError(
         f"deq_ext: f mixes samples ({'; '.join(mixers)}), but {where} is compacted: f would "
-        f"see only the active samples and every sample's result would change. {fix}; for a batch "
-        "norm, eval mode also works. If the module keeps samples apart, "
+        f"see only the active samples and every sample's result would change. {fix}; a batch "
+        "norm in eval mode also compacts. If a module keeps samples apart after all, "
         "deq_ext.mixes_samples(module, False) says so.")

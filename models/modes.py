@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deq_ext import SolverSettings, SolverStats, deq_fixed_point
-from deq_ext.precision import to_state_dtype
 
 from .regularization import Shared
 
@@ -240,9 +239,6 @@ class SequenceCore(nn.Module, ABC):
                 z = checkpoint(self.cell, z, *inputs, use_reentrant=False)
             else:
                 z = self.cell(z, *inputs)
-            # Under autocast the cell may return autocast's dtype: cast as the DEQ layer casts
-            # f's output, so both modes apply the same f and keep z in the state dtype.
-            z = to_state_dtype(z, z0.dtype)
         return z
 
     # Run eagerly under torch.compile (the solver is a graph break anyway): traced code would
