@@ -96,8 +96,8 @@ class AdjointMap:
             return
         with torch.enable_grad(), reusable_backward(), self.autocast.applied():
             z_leaf = self.z_star.index_select(0, rows).requires_grad_()
-            fz = to_state_dtype(self.f(z_leaf, *[take_rows(x, rows, self.B) for x in self.inputs]),
-                                z_leaf.dtype)
+            fz = self.f(z_leaf, *[take_rows(x, rows, self.B) for x in self.inputs])
+            fz = to_state_dtype(fz, z_leaf.dtype)  # autocast's dtype back to the state's
         if not isinstance(fz, torch.Tensor) or fz.shape != z_leaf.shape:
             raise ValueError(f"f re-applied at z* on {n} rows must return a tensor of shape "
                              f"{tuple(z_leaf.shape)}, got "
