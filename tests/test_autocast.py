@@ -342,10 +342,20 @@ def _scaler_steps(device: str, dtype: torch.dtype) -> None:
     assert int(deq.backward_stats.status[1]) == Status.DIVERGED
     assert scaler.get_scale() == scale / 2
     assert all(torch.equal(p, b) for p, b in zip(cell.parameters(), before))
+    if dtype != torch.float16:
+        return
+    # 4. A scale that float16 cannot hold: the adjoint solve (on dL/dz* / ||dL/dz*||) converges,
+    # the pass through f's float16 graph overflows, and the scaler skips the step.
+    scaler.update(new_scale=2.0 ** 24)
+    step(lambda z: z.pow(2).sum())
+    assert bool((deq.backward_stats.status == Status.CONVERGED).all())
+    assert scaler.get_scale() == 2.0 ** 23
+    assert all(torch.equal(p, b) for p, b in zip(cell.parameters(), before))
 
 
-def test_grad_scaler_on_cpu_under_bf16_autocast():
-    _scaler_steps("cpu", torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_grad_scaler_on_cpu_under_autocast(dtype):
+    _scaler_steps("cpu", dtype)
 
 
 # -- CUDA (run by tools/gpu_check.sh when a GPU is lent) --------------------------------------------
