@@ -17,6 +17,7 @@ from ._extension import available as extension_available
 from ._extension import build_info
 from .jacobian import jac_reg, spectral_radius
 from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings, state_steps
+from .mixing import mixes_samples, sample_mixers
 from .result import SolverResult
 from .solvers import SOLVERS, anderson, broyden, fixed_point, register_solver, solve, unregister_solver
 from .solvers._graph import GraphCaptureError
@@ -43,8 +44,10 @@ __all__ = [
     "extension_available",
     "fixed_point",
     "jac_reg",
+    "mixes_samples",
     "reference",
     "register_solver",
+    "sample_mixers",
     "solve",
     "spectral_radius",
     "state_steps",

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .precision import AutocastState, to_state_dtype
 from .solvers._base import take_rows
 
 
@@ -39,13 +40,10 @@ def reusable_backward() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def autocast_state(device: torch.device) -> tuple[str, bool, torch.dtype]:
+def autocast_state(device: torch.device) -> AutocastState:
     """The autocast setting f was recorded under, to re-record it under the same one (the
     backward pass usually runs outside the forward's ``autocast`` block)."""
-    kind = device.type
-    if kind not in ("cpu", "cuda"):  # e.g. meta: no autocast there
-        return kind, False, torch.float32
-    return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    return AutocastState.now(device)
 
 
 def check_rerecord_below(value: Any) -> float:
@@ -68,7 +66,8 @@ class AdjointMap:
         grad: ``dL/dz*``, shaped like ``z_leaf``.
         rerecord_below: re-record when the active rows are at most this fraction of the
             recorded graph's rows.
-        autocast: :func:`autocast_state` when ``fz`` was recorded (None: autocast off).
+        autocast: :func:`autocast_state` when ``fz`` was recorded (None: autocast off); a
+            re-recorded output that autocast made narrower is cast to ``z_leaf``'s dtype.
 
     ``vjp_rows`` counts the rows of the graphs the VJPs went through, ``rerecord_rows`` the
     rows f was re-applied to.
@@ -76,9 +75,10 @@ class AdjointMap:
 
     def __init__(self, f: Callable[..., torch.Tensor], inputs: tuple, fz: torch.Tensor,
                  z_leaf: torch.Tensor, grad: torch.Tensor, rerecord_below: float,
-                 autocast: Optional[tuple[str, bool, torch.dtype]] = None) -> None:
+                 autocast: Optional[AutocastState] = None) -> None:
         self.f, self.inputs, self.grad = f, inputs, grad
-        self.autocast = autocast or (z_leaf.device.type, False, torch.float32)
+        kind = z_leaf.device.type
+        self.autocast = autocast or AutocastState(kind, False, torch.get_autocast_dtype(kind))
         self.z_star = z_leaf.detach()
         self.B = z_leaf.shape[0]
         self.rerecord_below = rerecord_below
@@ -98,11 +98,10 @@ class AdjointMap:
         n = rows.numel()
         if n == 0 or n > self.rerecord_below * self.size:
             return
-        kind, enabled, dtype = self.autocast
-        cast = torch.autocast(kind, dtype) if enabled else contextlib.nullcontext()
-        with torch.enable_grad(), reusable_backward(), cast:
+        with torch.enable_grad(), reusable_backward(), self.autocast.applied():
             z_leaf = self.z_star.index_select(0, rows).requires_grad_()
             fz = self.f(z_leaf, *[take_rows(x, rows, self.B) for x in self.inputs])
+            fz = to_state_dtype(fz, z_leaf.dtype)  # autocast's dtype back to the state's
         if not isinstance(fz, torch.Tensor) or fz.shape != z_leaf.shape:
             raise ValueError(f"f re-applied at z* on {n} rows must return a tensor of shape "
                              f"{tuple(z_leaf.shape)}, got "

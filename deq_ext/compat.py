@@ -16,17 +16,21 @@ torchdeq: ``deq_ext.compat.register_all_torchdeq()`` once, then
 ``'deq_ext_fixed_point'``).
 
 Every adapter raises TypeError on a keyword argument it does not implement (the originals
-silently ignore unknown keywords).
+silently ignore unknown keywords). Under ``torch.autocast`` every adapter runs f under the
+caller's autocast setting, casts f's output to x0's dtype and runs the solver's own arithmetic with
+autocast off (:mod:`deq_ext.precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from ._locuslab_official import official_anderson, official_broyden
+from .precision import AutocastState
 from .result import SolverResult
 from .solvers.anderson import anderson as _anderson
 from .solvers.broyden import broyden as _broyden
@@ -86,6 +90,19 @@ def _reject(adapter: str, kwargs: dict[str, Any]) -> None:
                         f"{sorted(kwargs)}; see its docstring for those it accepts")
 
 
+@contextlib.contextmanager
+def _solver_precision(f: Callable[..., torch.Tensor], x0: Any) -> Iterator[Callable[..., torch.Tensor]]:
+    """f under the caller's autocast setting with its output in x0's dtype, yielded inside a
+    block with autocast off: the solver's products (the official Broyden's einsums, Anderson's
+    Gram matrix) stay in x0's precision."""
+    if not isinstance(x0, torch.Tensor):  # the solver's own check rejects it
+        yield f
+        return
+    autocast = AutocastState.now(x0.device)
+    with autocast.off():
+        yield autocast.wrap(f, x0.dtype)
+
+
 def _batch_norm(per_sample: torch.Tensor) -> float:
     """The norm over the whole batch of per-sample norms, as locuslab/deq measures residuals."""
     return float(per_sample.double().pow(2).sum().sqrt())
@@ -114,14 +131,16 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, thresho
       search; also ``status`` and ``nstep_per_sample``.
     """
     _reject("broyden", kwargs)
-    if _resolve(semantics) == "official":
-        out = official_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode, ls=ls)
-        return {**out, "name": name, "semantics": "official"}
-    # The original keeps every pair: memory = threshold, whatever broyden's own default.
-    res = _broyden(f, x0, max_iter=threshold, tol=eps, stop_mode=stop_mode, line_search=ls,
-                   memory=threshold,
-                   trace=True)
-    return _locuslab_dict(res, stop_mode, eps, threshold, name)
+    official = _resolve(semantics) == "official"
+    with _solver_precision(f, x0) as f:
+        if official:
+            out = official_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode, ls=ls)
+            return {**out, "name": name, "semantics": "official"}
+        # The original keeps every pair: memory = threshold, whatever broyden's own default.
+        res = _broyden(f, x0, max_iter=threshold, tol=eps, stop_mode=stop_mode, line_search=ls,
+                       memory=threshold,
+                       trace=True)
+        return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int = 6,
@@ -139,13 +158,15 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int
     ``threshold`` steps, ``lam`` relative to the Gram matrix's scale.
     """
     _reject("anderson", kwargs)
-    if _resolve(semantics) == "official":
-        out = official_anderson(f, x0, m=m, lam=lam, threshold=threshold, eps=eps,
-                                stop_mode=stop_mode, beta=beta)
-        return {**out, "name": name, "semantics": "official"}
-    res = _anderson(f, x0, memory=m, lam=lam, max_iter=threshold, tol=eps, stop_mode=stop_mode,
-                    beta=beta, trace=True)
-    return _locuslab_dict(res, stop_mode, eps, threshold, name)
+    official = _resolve(semantics) == "official"
+    with _solver_precision(f, x0) as f:
+        if official:
+            out = official_anderson(f, x0, m=m, lam=lam, threshold=threshold, eps=eps,
+                                    stop_mode=stop_mode, beta=beta)
+            return {**out, "name": name, "semantics": "official"}
+        res = _anderson(f, x0, memory=m, lam=lam, max_iter=threshold, tol=eps,
+                        stop_mode=stop_mode, beta=beta, trace=True)
+        return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
 def _locuslab_dict(res: SolverResult, stop_mode: str, eps: float, threshold: int,
@@ -208,10 +229,11 @@ def torchdeq_broyden(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Ten
     not in the signature is a TypeError (torchdeq's own solvers ignore it).
     """
     _reject("torchdeq_broyden", kwargs)
-    res = _broyden(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                   memory=LBFGS_thres or max_iter, line_search=ls, return_final=return_final,
-                   trace=True, record=_recorded_steps(indexing, max_iter))
-    return _torchdeq_triple(res, indexing, max_iter)
+    with _solver_precision(func, x0) as func:
+        res = _broyden(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                       memory=LBFGS_thres or max_iter, line_search=ls, return_final=return_final,
+                       trace=True, record=_recorded_steps(indexing, max_iter))
+        return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_anderson(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
@@ -220,10 +242,11 @@ def torchdeq_anderson(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Te
                       tau: float = 1.0, return_final: bool = False, **kwargs):
     """torchdeq's ``anderson_solver`` signature (``tau`` is the mixing ``beta``); see torchdeq_broyden."""
     _reject("torchdeq_anderson", kwargs)
-    res = _anderson(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=m, lam=lam,
-                    beta=tau, return_final=return_final, trace=True,
-                    record=_recorded_steps(indexing, max_iter))
-    return _torchdeq_triple(res, indexing, max_iter)
+    with _solver_precision(func, x0) as func:
+        res = _anderson(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=m,
+                        lam=lam, beta=tau, return_final=return_final, trace=True,
+                        record=_recorded_steps(indexing, max_iter))
+        return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
@@ -232,10 +255,11 @@ def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch
                          return_final: bool = False, **kwargs):
     """torchdeq's ``fixed_point_iter`` signature (``tau`` is the damping); see torchdeq_broyden."""
     _reject("torchdeq_fixed_point", kwargs)
-    res = _fixed_point(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=tau,
-                       return_final=return_final, trace=True,
-                       record=_recorded_steps(indexing, max_iter))
-    return _torchdeq_triple(res, indexing, max_iter)
+    with _solver_precision(func, x0) as func:
+        res = _fixed_point(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=tau,
+                           return_final=return_final, trace=True,
+                           record=_recorded_steps(indexing, max_iter))
+        return _torchdeq_triple(res, indexing, max_iter)
 
 
 def _recorded_steps(indexing: Optional[list], max_iter: int) -> Optional[list[int]]:

@@ -28,6 +28,8 @@ from torch import nn
 from .adjoint import AdjointMap, autocast_state, check_rerecord_below
 from .adjoint import reusable_backward as _reusable_backward
 from .jacobian import jac_reg, spectral_radius
+from .mixing import check_compactable
+from .precision import AutocastState
 from .result import SolverResult
 from .solvers import get_solver, solve
 from .states import StateSpec, is_structured
@@ -41,6 +43,13 @@ class SolverSettings:
     ``options`` are passed on to the solver (e.g. ``line_search``,
     ``stall_patience``). The defaults follow torchdeq's; for the paper's scheme
     see :func:`paper_settings`.
+
+    ``stop_mode``: ``"abs"`` stops a sample when its residual ``||f(z) - z||`` is below
+    ``tol``, ``"rel"`` when ``||f(z) - z|| / (||f(z)|| + 1e-9)`` is. The backward (adjoint)
+    solve also takes ``"grad"``, its default: the residual of the adjoint system relative to
+    the sample's ``||dL/dz*||`` (the solve runs on ``dL/dz*`` divided by that norm and its
+    result is multiplied back), so the stop and the gradient do not depend on how the loss
+    is scaled (a GradScaler's factor, a sum or a mean over the batch).
     """
 
     method: str = "broyden"
@@ -61,7 +70,10 @@ class SolverSettings:
 
 
 DEFAULT_FORWARD = SolverSettings(max_iter=40, tol=1e-3)
-DEFAULT_BACKWARD = SolverSettings(max_iter=40, tol=1e-6)
+# Relative to ||dL/dz*|| per sample: invariant to the loss scale (GradScaler, mean vs sum).
+DEFAULT_BACKWARD = SolverSettings(max_iter=40, tol=1e-6, stop_mode="grad")
+# The backward stop mode solved as an absolute one on dL/dz* normalized per sample.
+GRAD_STOP = "grad"
 # The adjoint solve re-records f on its active rows when they fall to this fraction of the
 # recorded ones: 1, at every change of the solver's power-of-two bucket (1/2, 1/4, ... of the
 # batch), so that its VJPs go through at most twice the active rows.
@@ -81,14 +93,25 @@ def paper_settings(seq_len: int, training: bool = True) -> tuple[SolverSettings,
     return fwd, bwd
 
 
-def _warn_if_backward_diverged(status: torch.Tensor, stacklevel: int) -> None:
+def _warn_if_backward_diverged(status: torch.Tensor, nonfinite_grad: Optional[torch.Tensor],
+                               stacklevel: int) -> None:
+    """Warn about the samples whose adjoint solve was flagged DIVERGED, saying which of them
+    came with a non-finite dL/dz* (passed on as is) and which diverged from a finite one."""
     diverged = status == Status.DIVERGED
-    if bool(diverged.any()):
-        warnings.warn(
-            f"deq_ext: the backward (adjoint) solve diverged for samples "
-            f"{torch.nonzero(diverged).flatten().tolist()} (non-finite gradients?); "
-            "their gradient is the best finite iterate of the adjoint solve",
-            RuntimeWarning, stacklevel=stacklevel)
+    if not bool(diverged.any()):
+        return
+    ids = torch.nonzero(diverged).flatten().tolist()
+    bad = [] if nonfinite_grad is None else torch.nonzero(diverged & nonfinite_grad).flatten().tolist()
+    rest = [i for i in ids if i not in bad]
+    parts = []
+    if bad:
+        parts.append(f"dL/dz* is not finite for samples {bad}: passed on as their gradient, so "
+                     "a GradScaler sees the overflow and skips the step")
+    if rest:
+        parts.append(f"samples {rest} diverged from a finite dL/dz* (is f contractive at z*?): "
+                     "their gradient is the best finite iterate of the adjoint solve")
+    warnings.warn(f"deq_ext: the backward (adjoint) solve diverged for samples {ids}; "
+                  + "; ".join(parts), RuntimeWarning, stacklevel=stacklevel)
 
 
 @dataclass
@@ -104,7 +127,10 @@ class SolverStats:
     ``vjp_rows`` and ``rerecord_rows`` (backward only): the batch rows the adjoint solve's
     vector-Jacobian products went through (summed over its iterations) and the rows f was
     re-applied to at z* to shrink that graph (:mod:`deq_ext.adjoint`); an uncompacted solve
-    takes B rows per VJP and re-records none.
+    takes B rows per VJP and re-records none. ``nonfinite_grad`` (backward only): per sample,
+    whether dL/dz* had a non-finite entry; such a sample is flagged DIVERGED and its dL/dz* is
+    passed on as its gradient (so a GradScaler sees the overflow and skips the step). With
+    ``stop_mode="grad"`` the residuals are relative to the sample's ``||dL/dz*||``.
     """
 
     nstep: torch.Tensor
@@ -117,6 +143,7 @@ class SolverStats:
     vjp_rows: Optional[int] = None
     rerecord_rows: Optional[int] = None
     f_rows: Optional[int] = None
+    nonfinite_grad: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
@@ -127,7 +154,7 @@ class SolverStats:
         """Batch means for logging (reads from the device)."""
         if self.check_backward_divergence:
             self.check_backward_divergence = False
-            _warn_if_backward_diverged(self.status, stacklevel=3)
+            _warn_if_backward_diverged(self.status, self.nonfinite_grad, stacklevel=3)
         out = {
             "nstep": float(self.nstep.double().mean()),
             "nfev": float(self.nfev.double().mean()),
@@ -216,6 +243,24 @@ def state_steps(n_states: int, max_iter: int) -> list[int]:
     return [max_iter - (n_states - 1 - k) * gap for k in range(n_states)]
 
 
+def _check_stop_modes(fwd: SolverSettings, bwd: SolverSettings) -> None:
+    """The forward solve takes 'abs' or 'rel'; the backward one also 'grad' (ValueError)."""
+    if fwd.stop_mode not in ("abs", "rel"):
+        extra = (" ('grad', relative to ||dL/dz*||, is a backward setting)"
+                 if fwd.stop_mode == GRAD_STOP else "")
+        raise ValueError(f"forward stop_mode must be 'abs' or 'rel', got {fwd.stop_mode!r}{extra}")
+    if bwd.stop_mode not in ("abs", "rel", GRAD_STOP):
+        raise ValueError(f"backward stop_mode must be 'abs', 'rel' or 'grad', got {bwd.stop_mode!r}")
+
+
+def _may_compact(value: Any, has_inputs: bool) -> bool:
+    """Whether a ``compact`` setting lets a solve evaluate f on fewer rows than the batch
+    (None: with inputs, as the solvers decide; any other non-bool, e.g. "auto": it may)."""
+    if value is None:
+        return has_inputs
+    return value if isinstance(value, bool) else True
+
+
 def _check_count(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0 (0: off), got {value!r}")
@@ -227,6 +272,28 @@ def _check_n_states(n_states: Optional[int], max_iter: int) -> None:
     if not isinstance(n_states, int) or isinstance(n_states, bool) or not 1 <= n_states <= max_iter:
         raise ValueError(f"n_states must be None or an integer in [1, forward max_iter={max_iter}], "
                          f"got {n_states!r}")
+
+
+def _per_sample_normalized(grad: torch.Tensor,
+                           finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad / n, n)`` with ``n`` each sample's L2 norm of ``grad`` (1 for a zero or
+    non-finite sample, left as it is). Computed as ``max|g| * ||g / max|g|||``: no overflow,
+    and a power-of-two loss scale (a GradScaler's) gives the same normalized bits."""
+    B = grad.shape[0]
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    flat = grad.reshape(B, -1).to(acc)
+    if flat.shape[1] == 0:
+        return grad, torch.ones(B, dtype=acc, device=grad.device)
+    peak = flat.abs().amax(dim=1)
+    usable = finite & (peak > 0)
+    peak = torch.where(usable, peak, torch.ones_like(peak))
+    norm = torch.where(usable, peak * (flat / peak[:, None]).norm(dim=1), torch.ones_like(peak))
+    return (flat / norm[:, None]).view(grad.shape).to(grad.dtype), norm
+
+
+def _times_rows(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``t`` with each row multiplied by ``factor``, in ``factor``'s precision, as ``t``'s dtype."""
+    return (t.reshape(t.shape[0], -1).to(factor.dtype) * factor[:, None]).view(t.shape).to(t.dtype)
 
 
 def _phantom(f: Callable[..., torch.Tensor], z: torch.Tensor, inputs: tuple, steps: int,
@@ -272,11 +339,13 @@ def deq_fixed_point(
         compact: in the forward solve, evaluate f only on the active samples, in
             power-of-two buckets (``"auto"``, the default: where it pays on the device, see
             :func:`deq_ext.broyden`; True: always). Set False for an f that mixes samples
-            (e.g. batch statistics). A
-            ``compact`` among the forward settings' options overrides it. The
-            backward (adjoint) solve is compacted as the forward one is unless its
+            (e.g. batch statistics): a compacted solve of an f with such a module (batch norm
+            in training mode, or marked with :func:`deq_ext.mixes_samples`) raises a
+            ValueError naming it (:mod:`deq_ext.mixing`). A ``compact`` among the forward
+            settings' options overrides it. The backward (adjoint) solve is compacted as the
+            forward one is unless its
             settings say ``compact=False``: when its active samples fall to ``rerecord_below``
-            (a backward option, default 0.5) times the rows of the graph its VJPs go
+            (a backward option, default 1: at every bucket change) times the rows of the graph its VJPs go
             through, f is applied once more at z* on those samples and the later VJPs
             go through that smaller graph (:mod:`deq_ext.adjoint`). f must then be a
             pure function of ``(z, *inputs)``: dropout masks drawn once per forward
@@ -298,6 +367,12 @@ def deq_fixed_point(
             each with a phantom gradient (``phantom_steps`` damped steps of f from it), the
             last being z* with the ``grad_mode`` gradient. Without grad, the recorded
             iterates and z* as they are.
+
+    Under ``torch.autocast`` every call of f runs under the caller's autocast setting (the
+    backward's re-recordings too) and an output of autocast's dtype is cast to z0's dtype;
+    the solves' own arithmetic runs with autocast off (:mod:`deq_ext.precision`). The backward
+    settings' default ``stop_mode="grad"`` makes the adjoint solve's stop relative to each
+    sample's ``||dL/dz*||``, so a GradScaler's loss scale changes nothing once unscaled.
     """
     fwd = _settings(forward, DEFAULT_FORWARD)
     bwd = _settings(backward, DEFAULT_BACKWARD)
@@ -312,8 +387,15 @@ def deq_fixed_point(
         raise ValueError("jac_reg_samples and spectral_radius_steps need a stats dict to put their "
                          "results in (stats=...)")
     _check_n_states(n_states, fwd.max_iter)
+    _check_stop_modes(fwd, bwd)
     get_solver(fwd.method), get_solver(bwd.method)  # an unknown method fails before any work
     check_rerecord_below(bwd.options.get("rerecord_below", DEFAULT_RERECORD_BELOW))
+    # Compaction hands f fewer rows: refuse an f that mixes samples (batch norm in training).
+    fwd_compact = fwd.options.get("compact", compact)
+    bwd_compact = bwd.options.get("compact", bool(fwd_compact))
+    check_compactable(f, _may_compact(fwd_compact, bool(inputs)),
+                      torch.is_grad_enabled() and grad_mode == "implicit"
+                      and _may_compact(bwd_compact, True))
     options: dict[str, Any] = dict(
         grad_mode=grad_mode, phantom_steps=phantom_steps, phantom_damping=phantom_damping,
         compact=compact, stats=stats, jac_reg_samples=jac_reg_samples,
@@ -341,7 +423,12 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     kwargs = {"compact": compact, **fwd.solver_kwargs()}
     if steps:
         kwargs["record"] = steps
-    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
+    # Under autocast every call of f (solves, z*, re-recordings) runs under the caller's setting
+    # and returns z0's dtype; the solvers' own arithmetic runs with autocast off.
+    autocast = AutocastState.now(z0.device)
+    f = autocast.wrap(f, z0.dtype)
+    with autocast.off():
+        res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
     if stats is not None:
         stats["forward"] = SolverStats.of(res)
     z_star = res.z
@@ -392,25 +479,39 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
         rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
         # An f that mixes samples (forward compact=False) cannot be re-recorded on fewer rows.
         options.setdefault("compact", kwargs["compact"])
+        finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+        finite_rows = finite.view(-1, *[1] * (grad.dim() - 1))
+        # stop_mode "grad": the solve (linear in dL/dz*) runs on dL/dz* / ||dL/dz*|| per sample
+        # with an absolute tolerance, and its result is multiplied back.
+        norm = None
+        if options["stop_mode"] == GRAD_STOP:
+            options["stop_mode"] = "abs"
+            grad, norm = _per_sample_normalized(grad, finite)
         adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)
         # Start from dL/dz*, the first term of the Neumann series: from y = 0 a dL/dz* already
         # below an absolute tolerance would end the solve at once with a zero gradient. Samples
         # with non-finite entries start at 0 (the solver rejects a non-finite start) and are
         # flagged by the solve.
-        finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
         y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
-        # The solver gathers the sample indices with the rows it hands the adjoint map.
-        with _reusable_backward():  # f's compiled backward may be built lazily, here
+        # The solver gathers the sample indices with the rows it hands the adjoint map; its own
+        # arithmetic runs with autocast off even if backward() is called inside an autocast block.
+        with _reusable_backward(), AutocastState.now(grad.device).off():
             out = solve(adjoint, y0, method=bwd.method, inputs=(adjoint.all_rows,), **options)
         sync_free = not options.get("stop_early", True)
+        nonfinite = ~finite
         if stats is not None:
             stats["backward"] = SolverStats.of(out)
             stats["backward"].check_backward_divergence = sync_free
             stats["backward"].vjp_rows = adjoint.vjp_rows
             stats["backward"].rerecord_rows = adjoint.rerecord_rows
+            stats["backward"].nonfinite_grad = nonfinite
         if not sync_free:
-            _warn_if_backward_diverged(out.status, stacklevel=3)
-        return out.z
+            _warn_if_backward_diverged(out.status, nonfinite, stacklevel=3)
+        y = out.z if norm is None else _times_rows(out.z, norm)
+        # A non-finite dL/dz* goes on as is (normalizing left those rows unchanged), as plain
+        # autograd would pass it: the parameters' gradients show it, so a GradScaler skips the
+        # step and lowers its scale.
+        return torch.where(finite_rows, y, grad)
 
     return result(_ImplicitGrad.apply(fz, z_leaf, backward_solve), states)
 
@@ -456,6 +557,7 @@ class DEQ(nn.Module):
         self.jac_reg_samples, self.spectral_radius_steps = jac_reg_samples, spectral_radius_steps
         _check_n_states(n_states, self.forward_settings.max_iter)
         self.n_states = n_states
+        _check_stop_modes(self.forward_settings, self.backward_settings)
         get_solver(self.forward_settings.method), get_solver(self.backward_settings.method)
         self._stats: dict[str, Any] = {}
 

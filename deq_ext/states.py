@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ._tree import map_tensors
+from .precision import to_state_dtype
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,9 @@ class StateSpec:
     def wrap(self, f: Callable[..., Any]) -> Callable[..., torch.Tensor]:
         """``f`` on the structure as a function of the flat ``(n, D)`` tensor."""
         def flat_f(z: torch.Tensor, *inputs: Any) -> torch.Tensor:
-            return self.pack(f(self.unpack(z), *inputs), what="f's output")
+            # Under torch.autocast the leaves may come back in autocast's dtype.
+            out = to_state_dtype(f(self.unpack(z), *inputs), self.dtype)
+            return self.pack(out, what="f's output")
         return flat_f
 
 

@@ -185,7 +185,8 @@ class SequenceCore(nn.Module, ABC):
 
     # -- shared machinery ------------------------------------------------------------------------
     def state_dtype(self) -> torch.dtype:
-        """z is kept in the parameters' dtype, also under autocast (the solver needs one dtype)."""
+        """z is kept in the parameters' dtype, also under autocast (the DEQ layer casts f's
+        output to it, :mod:`deq_ext.precision`)."""
         return next(self.cell.parameters()).dtype
 
     def cell_inputs(self, x: torch.Tensor,

@@ -123,12 +123,9 @@ class DEQTransformerCell(nn.Module):
         if self.attn_residual:
             a = a + z
         if self.pre_ln:
-            out = a + self.feed_forward(self.ln_ff(a), ff_mask, ff_out_mask)
-        else:
-            h = self.ln_attn(a)
-            out = self.ln_ff(h + self.feed_forward(h, ff_mask, ff_out_mask))
-        # Under autocast the result may be bf16; the solver keeps z in one dtype.
-        return out.to(z.dtype)
+            return a + self.feed_forward(self.ln_ff(a), ff_mask, ff_out_mask)
+        h = self.ln_attn(a)
+        return self.ln_ff(h + self.feed_forward(h, ff_mask, ff_out_mask))
 
 
 class DEQTransformerCore(SequenceCore):

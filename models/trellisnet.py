@@ -125,8 +125,7 @@ class TrellisNetCell(nn.Module):
         a_i, a_o, a_g, a_f = a.chunk(4, dim=1)
         c_new = torch.sigmoid(a_f) * c_prev + torch.sigmoid(a_i) * torch.tanh(a_g)
         h_new = torch.sigmoid(a_o) * torch.tanh(c_new)
-        # Under autocast the result may be bf16; the solver keeps z in one dtype.
-        return torch.cat([h_new, c_new], dim=1).to(z.dtype)
+        return torch.cat([h_new, c_new], dim=1)
 
 
 class DEQTrellisNetCore(SequenceCore):

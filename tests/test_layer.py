@@ -268,9 +268,13 @@ def test_non_finite_gradient_is_flagged_and_other_samples_unaffected():
     z = deq(x)
     weights = torch.ones_like(z)
     weights[1, 0] = math.nan
-    with pytest.warns(RuntimeWarning, match=r"diverged for samples \[1\]"):
+    with pytest.warns(RuntimeWarning, match=r"diverged for samples \[1\]; dL/dz\* is not finite"):
         (z * weights).sum().backward()
     assert int(deq.backward_stats.status[1]) == deq_ext.Status.DIVERGED
+    assert deq.backward_stats.nonfinite_grad.tolist() == [False, True, False, False]
+    # The non-finite dL/dz* goes on as autograd would pass it: the parameters show it (so a
+    # GradScaler skips the step), and sample 1's own input gradient.
+    assert not torch.isfinite(cell.W.grad).all() and not torch.isfinite(x.grad[1]).all()
     bad_grad = x.grad.clone()
     x.grad = None
     deq(x).sum().backward()
@@ -283,7 +287,8 @@ def test_tiny_upstream_gradient_is_not_zeroed():
     so the gradient is at worst the one-step estimate rather than exactly zero."""
     cell = Cell(16)
     x = torch.randn(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    deq = DEQ(cell, forward=dict(tol=1e-12, max_iter=100))  # backward: defaults (abs 1e-6)
+    # The absolute stop (the default "grad" stop is relative to dL/dz* and would go on).
+    deq = DEQ(cell, forward=dict(tol=1e-12, max_iter=100), backward=dict(stop_mode="abs"))
     (1e-7 * deq(x).sum()).backward()
     got = cell.W.grad.clone()
     cell.zero_grad()

@@ -13,7 +13,7 @@
 # Needs python3 with a CUDA build of torch, nvcc, pytest and pytest-benchmark; torchdeq and
 # matplotlib are optional (their comparisons / the plot are skipped without them). Every step has
 # a time limit so that the whole run ends within 10 minutes on one H100; a step that hits its
-# limit reports rc=124 and the next one still runs (the limits add up to 555 s).
+# limit reports rc=124 and the next one still runs (the limits add up to 580 s).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-${OUT:-$root/gpu_check_out}}"
@@ -59,6 +59,8 @@ cuda_tests ops 40 tests/test_broyden_ops.py tests/test_anderson_ops.py
 cuda_tests solvers 40 tests/test_dispatcher.py tests/test_methods.py tests/test_sync_free.py \
   tests/test_broyden_solver.py tests/test_compaction.py
 cuda_tests models 35 tests/models
+# fp16 autocast with a GradScaler end to end, and bf16 autocast, with no casts in the cell.
+cuda_tests amp 25 tests/test_autocast.py
 step bench 40 bench.log python3 -m deq_ext.bench --device cuda --out "$out/bench-cuda.json"
 step bench_block 20 bench-block.log python3 -m deq_ext.bench --device cuda --problem block \
   --no-bandwidth --no-sweep --out "$out/bench-cuda-solver-bound.json"
@@ -82,7 +84,7 @@ step compile 90 compile.log python3 -m benchmarks.compile_step --device cuda --r
 {
   echo "== deq_ext GPU check: $(cat "$out/torch.txt"), arch $TORCH_CUDA_ARCH_LIST"
   echo "build_info: $(cat "$out/build_info.json")"
-  for group in ops solvers models; do echo "tests_$group: $(tail -n 1 "$out/pytest-$group.log")"; done
+  for group in ops solvers models amp; do echo "tests_$group: $(tail -n 1 "$out/pytest-$group.log")"; done
   printf '%s\n' "${summary[@]}"
   echo
   python3 -m benchmarks.summary "$out"

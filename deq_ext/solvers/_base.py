@@ -23,6 +23,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from .. import _extension
+from ..precision import autocast_output
 from ..result import SolverResult
 from ..status import NUM_COUNTS, PENDING_COUNT, Status
 from ._buckets import Bucket, CompactionTimer, bucket_size, rows_first, take_rows
@@ -320,7 +321,12 @@ class MaskedSolve:
             raise ValueError(f"f must return a tensor of its input's shape {tuple(shape)}, "
                              f"got {tuple(out.shape)}")
         if out.dtype != self.dtype:
-            raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype}")
+            # Under torch.autocast f returns autocast's dtype (or float32): cast, don't refuse.
+            cast = autocast_output(out, self.dtype)
+            if cast is None:
+                raise TypeError(f"f must return z0's dtype {self.dtype}, got {out.dtype} (outside "
+                                "torch.autocast; under it, also autocast's dtype or float32)")
+            out = cast
         if out.device != self.device:
             raise ValueError(f"f must return a tensor on z0's device {self.device}, got {out.device}")
         return out if out.is_contiguous() else out.contiguous()
