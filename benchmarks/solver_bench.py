@@ -3,9 +3,9 @@
 ``python -m benchmarks.solver_bench [options of python -m deq_ext.bench]`` runs the user-facing
 benchmark (:func:`deq_ext.bench.main`, same options, same report), then checks the project's
 performance targets against the measured ratios and prints a verdict for each. The JSON written
-with ``--out`` is the benchmark's record with ``targets`` and ``targets_met`` added; this is how
-the recorded ``benchmarks/results/*-broyden*.json`` files were made and what
-``python -m benchmarks.summary`` reads.
+with ``--out`` is the benchmark's record with ``targets`` and ``targets_met`` added, the fields of
+the recorded ``benchmarks/results/*-broyden*.json`` files (written when ``python -m deq_ext.bench``
+still checked the targets itself); ``python -m benchmarks.summary`` reads both kinds of record.
 
 A run on a busy machine (see :func:`deq_ext.bench.machine_busy`) gets its figures but no verdict.
 """

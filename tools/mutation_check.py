@@ -5,7 +5,7 @@
 Each mutant replaces a snippet of one file (found exactly once, or the list is stale and
 the check fails), runs the tests named for it, and restores the file. A mutant whose tests
 still pass "survived": the claim it breaks is not guarded. The check fails when any mutant
-survives or cannot be applied. The list grows with every claim the README makes.
+survives or cannot be applied. The list grows with every claim the documentation makes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Mutant:
     id: str
-    claim: str                      # what the README promises, that this break violates
+    claim: str                      # what the documentation promises, that this break violates
     file: str                       # relative to the repository root
     edits: tuple[tuple[str, str], ...]  # (original snippet, replacement), each found once
     tests: tuple[str, ...]          # pytest arguments: the tests that must fail
