@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Optional
 
 import pytest
 import torch
@@ -196,3 +198,41 @@ def test_masked_samples_cost_the_fused_passes_nothing():
     cfg = resolve_config(build_parser().parse_args(["--quick", "--device", "cpu"]))
     sizes = BandwidthSizes(batch=8, dim=8192, m=8, copy_mib=1, reps=9)
     assert fused_passes_time(cfg, sizes, active=1) < 0.5 * fused_passes_time(cfg, sizes)
+
+
+def test_cuda_f_timer_records_events_and_never_waits_inside_the_solve(monkeypatch):
+    """On CUDA, f is timed by a pair of events per call, read after the solve: no call of f
+    synchronizes (a host clock would need a blocking wait before and after each call)."""
+    from deq_ext.bench import TimedF
+
+    waits: list[str] = []
+    clock = iter(range(0, 1000, 5))  # each record 5 ms after the one before
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            assert enable_timing
+            self.t: Optional[int] = None
+
+        def record(self) -> None:
+            self.t = next(clock)
+
+        def synchronize(self) -> None:
+            waits.append("event")
+
+        def elapsed_time(self, end: "FakeEvent") -> float:
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append("device"))
+    timed = TimedF(lambda z, s: z * s, torch.device("cuda"))
+    assert timed.clock == "events"
+    for rows in (4, 3, 1):
+        timed(torch.ones(rows, 2), torch.ones(rows, 1))
+    assert waits == [] and (timed.calls, timed.rows) == (3, 8)
+    assert timed.seconds == pytest.approx(3 * 5e-3)  # start -> end of each call, summed
+    assert waits == ["event"]  # reading the total waits once, for the last event
+    with pytest.raises(ValueError, match="CUDA"):
+        TimedF(lambda z: z, torch.device("cpu"), clock="events")
+    untimed = TimedF(lambda z: z, torch.device("cpu"), clock="none")
+    untimed(torch.ones(2, 2))
+    assert untimed.calls == 1 and math.isnan(untimed.seconds)
