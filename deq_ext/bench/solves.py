@@ -93,7 +93,9 @@ def select_solvers(cfg: Config, graph: Optional[bool] = None) -> dict[str, Runne
                                           stop_early=False)
     if cfg.reference:
         solvers[SOLVER_REF] = _run_deq_ext(use_reference=True, compact=cfg.compact)
-    if cfg.torch_device.type == "cuda" if graph is None else graph:
+    if graph is None:
+        graph = cfg.torch_device.type == "cuda"
+    if graph:
         solvers[SOLVER_GRAPH] = _run_deq_ext(use_reference=False, compact=cfg.compact, graph=True)
     if cfg.torchdeq:
         if torchdeq_available():
