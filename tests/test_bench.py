@@ -141,7 +141,8 @@ def test_passes_bytes_counts_each_sample_at_its_ring_fill():
 
 def test_an_optional_row_the_solver_rejects_is_skipped_with_a_note(caplog):
     """The graph row (CUDA only) is dropped with a logged note while the solvers do not know
-    the option (a TypeError), and a TypeError of any other row still fails the run."""
+    the option (a TypeError) or not for these settings (a ValueError); a TypeError of any other
+    row still fails the run."""
     import logging
 
     from deq_ext.bench.solves import SOLVER_EXT, SOLVER_GRAPH, bench_solvers, select_solvers
@@ -166,6 +167,13 @@ def test_an_optional_row_the_solver_rejects_is_skipped_with_a_note(caplog):
     assert any("skipping deq_ext[graph]" in r.getMessage() for r in caplog.records)
     with pytest.raises(TypeError):
         bench_solvers(cfg, problem, {SOLVER_EXT: rejects})
+
+    def unsupported(*args):  # a combination the option does not support yet
+        raise ValueError("graph=True needs stop_early=False")
+
+    skipped.clear()
+    solves = bench_solvers(cfg, problem, {SOLVER_EXT: ext, SOLVER_GRAPH: unsupported}, skipped)
+    assert set(solves) == {SOLVER_EXT} and "stop_early" in skipped[SOLVER_GRAPH]
 
 
 def test_an_untimed_row_reports_its_total_and_no_f_figures():

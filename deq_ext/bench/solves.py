@@ -25,8 +25,9 @@ SOLVER_GRAPH = "deq_ext[graph]"
 # Rows whose f is not timed: a CUDA-graph replay does not call the Python f, so its calls, rows
 # and time would be those of the capture only (its total time is measured all the same).
 UNTIMED_F = frozenset({SOLVER_GRAPH})
-# Rows that need a solver option that may not exist yet: a TypeError from the solver drops the
-# row with a logged note instead of failing the run.
+# Rows that need a solver option that may not exist yet, or not for these settings: a TypeError
+# (unknown option) or ValueError (unsupported combination) from the solver in the warm-up drops
+# the row with a logged note, kept in the results, instead of failing the run.
 OPTIONAL = frozenset({SOLVER_GRAPH})
 
 Runner = Callable[[Problem, Config, TimedF], tuple[torch.Tensor, torch.Tensor]]
@@ -147,18 +148,18 @@ def bench_solvers(cfg: Config, problem: Problem, solvers: Optional[dict[str, Run
     Each solver reports its median round (by total time) whole, so that every figure in a row
     comes from one run, with the spread of its total time over the rounds and every round kept.
     ``solvers``: the runners (default :func:`select_solvers`). An optional row whose solver
-    rejects its option with a ``TypeError`` in the warm-up is dropped, with the reason logged and
-    put in ``skipped``.
+    rejects its option (``TypeError``, ``ValueError``) in the warm-up is dropped, with the reason
+    logged and put in ``skipped``.
     """
     solvers = dict(select_solvers(cfg) if solvers is None else solvers)
     for name, runner in list(solvers.items()):
         progress(f"warm-up {name}")
         try:
             solve_once(runner, problem, cfg, time_f=name not in UNTIMED_F)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             if name not in OPTIONAL:
                 raise
-            progress(f"skipping {name}: the solver does not take its option ({exc})")
+            progress(f"skipping {name}: the solver rejects its option ({type(exc).__name__}: {exc})")
             del solvers[name]
             if skipped is not None:
                 skipped[name] = str(exc)
