@@ -2,7 +2,8 @@
 
 Install with ``pip install --no-build-isolation -e .`` (build isolation would
 compile against a second, freshly downloaded torch); ``pip wheel --no-build-isolation
---no-deps .`` builds a wheel that also carries the ``models`` and ``train`` packages.
+--no-deps .`` builds a wheel that carries ``deq_ext`` only (``models`` and ``train`` run from
+the repository).
 
 Environment switches:
 

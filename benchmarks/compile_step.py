@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from deq_ext.bench.env import median, progress, provenance, ratio, sync, write_json
+from deq_ext.bench import median, progress, provenance, ratio, sync, write_json
 from models import DEQLanguageModel, get_preset
 
 VARIANTS = ("eager", "compiled", "compiled_f")

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from deq_ext.bench.env import progress
+from deq_ext.bench import progress
 from models.modes import SequenceCore
 
 from . import model_setup as ms

@@ -41,7 +41,7 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-from deq_ext.bench.env import progress, provenance
+from deq_ext.bench import progress, provenance
 
 FIGURES = ("2", "2left", "2right", "3", "4", "all")
 DEFAULT_TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)

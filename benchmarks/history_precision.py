@@ -30,21 +30,21 @@ from typing import Any, Callable, Optional
 import torch
 
 import deq_ext
-from deq_ext.bench.bandwidth import fused_passes_time
-from deq_ext.bench.config import build_parser as bench_parser
-from deq_ext.bench.config import resolve_config
-from deq_ext.bench.env import (
+from deq_ext.bench import (
+    Problem,
+    fused_passes_time,
     load_average,
     machine_busy,
     median,
     progress,
     provenance,
     ratio,
+    resolve_config,
     spread,
     sync,
     write_json,
 )
-from deq_ext.bench.problem import Problem
+from deq_ext.bench import build_parser as bench_parser
 
 from .history_size import MDEQ_F, hard_mdeq, steps_lines
 

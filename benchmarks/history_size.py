@@ -23,10 +23,8 @@ from typing import Any, Optional
 import torch
 
 import deq_ext
-from deq_ext.bench.config import build_parser as bench_parser
-from deq_ext.bench.config import resolve_config
-from deq_ext.bench.env import progress, provenance, write_json
-from deq_ext.bench.problem import Problem
+from deq_ext.bench import Problem, progress, provenance, resolve_config, write_json
+from deq_ext.bench import build_parser as bench_parser
 
 MEMORIES = (4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 60)
 QUICK_MEMORIES = (2, 4, 30)

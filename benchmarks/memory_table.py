@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from deq_ext.bench.env import progress, ratio
+from deq_ext.bench import progress, ratio
 from deq_ext.solvers import broyden_workspace
 from models.modes import SequenceCore
 

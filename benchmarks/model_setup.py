@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from deq_ext import SolverSettings, SolverStats, Status
-from deq_ext.bench.env import load_average, progress, provenance, write_json
+from deq_ext.bench import load_average, progress, provenance, write_json
 from models import get_preset
 from models.lm import build_core
 from models.modes import Memory, ModeConfig, SequenceCore

@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from deq_ext import SolverStats
-from deq_ext.bench.env import machine_busy, median_index, progress, ratio, spread, sync, time_calls
+from deq_ext.bench import machine_busy, median_index, progress, ratio, spread, sync, time_calls
 from models.modes import ModeConfig, SequenceCore
 
 from . import model_setup as ms

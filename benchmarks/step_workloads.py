@@ -5,7 +5,7 @@ Each :class:`Workload` is one step's ingredients, shared by both DEQ implementat
 work before the solve: embeddings, the input injection, dropout masks; it returns z0 and f's
 batched inputs), the loss on z*, and the forward and backward solver settings.
 
-* ``hetero_mlp``: the MLP problem of ``python -m deq_ext.bench`` (:mod:`deq_ext.bench.problem`,
+* ``hetero_mlp``: the MLP problem of ``python -m deq_ext.bench`` (:class:`deq_ext.bench.Problem`,
   per-sample contraction factors rho_b spread over the batch, so samples converge at very
   different steps) with its two weights made trainable parameters.
 * ``copy_memory``: the trained copy-memory DEQ-Transformer (:mod:`benchmarks.trained_copy`) on
@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deq_ext import SolverSettings
-from deq_ext.bench.config import build_parser as bench_parser
-from deq_ext.bench.config import resolve_config
-from deq_ext.bench.problem import Problem
+from deq_ext.bench import Problem, resolve_config
+from deq_ext.bench import build_parser as bench_parser
 
 from . import model_setup as ms
 from . import trained_copy
@@ -85,7 +84,7 @@ MLP_SIZES = {
 
 class MLPCell(nn.Module):
     """``f(z, x, rho) = rho_b * tanh(tokens(z) @ W1) @ W2 + x_b``: the MLP problem of
-    :class:`deq_ext.bench.problem.Problem` with W1 and W2 as trainable parameters (initialised
+    :class:`deq_ext.bench.Problem` with W1 and W2 as trainable parameters (initialised
     to the problem's weights); x and rho are batched inputs, so f is row-wise."""
 
     def __init__(self, problem: Problem) -> None:

@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.summary PATH [PATH ...]`` reads JSON results (files, or every ``*.json`` in
 a folder) and prints, for each, the figures the issues set targets on, with PASS/FAIL. A file's
-kind is told by its content: the ``command`` it records (``python -m deq_ext.bench``,
+kind is told by its content: the ``command`` it records (``python -m benchmarks.solver_bench`` or
+``python -m deq_ext.bench``,
 ``python -m benchmarks.memory_table``, ``python -m benchmarks.runtime_table``,
 ``python -m benchmarks.training_step``, ``python -m benchmarks.history_precision``) or, for
 pytest-benchmark output (the microbenchmarks), its ``benchmarks`` list. Files of other kinds are
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from .solver_bench import results_targets
+
 Line = tuple[str, Optional[float], str, Optional[bool]]
 """(figure, value, how it compares with its target, passed or None when there is no target)."""
 
@@ -30,16 +33,18 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def bench_lines(res: dict[str, Any]) -> Iterator[Line]:
-    """``python -m deq_ext.bench``: every target that applies on its device, named with its
-    workload (records without a problem kind predate the MLP problem: the solver-bound f) and
-    the per-round spread of the ratio where the record has it."""
+    """The solver benchmark: every target that applies on its device, named with its workload
+    (records without a problem kind predate the MLP problem: the solver-bound f) and the
+    per-round spread of the ratio where the record has it. A record of ``python -m
+    deq_ext.bench`` itself carries no targets: they are checked here from its ratios."""
     kind = res.get("problem", {}).get("kind", "block")
     workload = "solver-bound f" if kind == "block" else f"{kind} f"
     rounds = res.get("config", {}).get("repeat")
     spreads = res.get("ratio_spreads") or {}
     if res.get("busy"):
         yield (f"machine busy, no verdicts: {res['busy']}", None, "", None)
-    for t in res.get("targets", []):
+    targets = res["targets"] if "targets" in res else results_targets(res)
+    for t in targets:
         if t["applies"]:
             sp = spreads.get(t["name"])
             extra = (f"; {sp['n']} rounds {sp['min']:.2f}..{sp['max']:.2f}"
@@ -157,7 +162,8 @@ def kind_of(res: dict[str, Any]) -> Optional[tuple[str, Callable[[dict[str, Any]
     if isinstance(res.get("benchmarks"), list):
         return "microbenchmarks", micro_lines
     command = str(res.get("command", ""))
-    for prefix, label, lines in (("python -m deq_ext.bench", "deq_ext.bench", bench_lines),
+    for prefix, label, lines in (("python -m benchmarks.solver_bench", "deq_ext.bench", bench_lines),
+                                 ("python -m deq_ext.bench", "deq_ext.bench", bench_lines),
                                  ("python -m benchmarks.memory_table", "memory table", memory_lines),
                                  ("python -m benchmarks.runtime_table", "runtime table",
                                   runtime_lines),

@@ -61,7 +61,7 @@ def torchdeq_broyden(f: Callable[..., torch.Tensor], z0: torch.Tensor, *,
 
 def register() -> str:
     """Register :func:`torchdeq_broyden` as :data:`METHOD` (once; later calls do nothing)."""
-    from deq_ext.solvers.registry import SOLVERS, register_solver
+    from deq_ext import SOLVERS, register_solver
 
     if SOLVERS.get(METHOD) is not torchdeq_broyden:
         register_solver(METHOD, torchdeq_broyden, replace=True)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from deq_ext.bench.env import progress
+from deq_ext.bench import progress
 
 DEFAULT_DIR = os.path.join("out", "bench-copy-memory")  # /out/ is ignored by git
 

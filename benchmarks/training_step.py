@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from deq_ext import DEQ
-from deq_ext.bench.env import (
+from deq_ext.bench import (
     machine_busy,
     median_index,
     progress,

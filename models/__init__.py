@@ -8,7 +8,8 @@
 
 The image DEQ (a small multiscale DEQ classifier) is :class:`MDEQClassifier` (models/mdeq.py).
 
-See the "Models" section of the README.
+Repository code (run from the repository root), not installed with deq_ext; see
+docs/training.md, "Models", and models/README.md.
 """
 
 from __future__ import annotations

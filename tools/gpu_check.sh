@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build deq_ext with CUDA for the visible GPU, run the CUDA cases
-# of the test suite (the CPU and cuda-emu cases run in CI), the solver benchmark (with the
-# check_every / sync-free rows), the kernel microbenchmarks, the memory and runtime tables, the
+# of the test suite (the CPU and cuda-emu cases run in CI), the solver benchmark with the
+# project's targets (benchmarks.solver_bench: check_every / sync-free / graph rows), the kernel microbenchmarks, the memory and runtime tables, the
 # half-precision history, the training step against torchdeq's DEQ and the eager-vs-compiled
 # training step, leave everything in one folder (default $OUT, else ./gpu_check_out), and print a
 # short summary last. With GPU_CHECK_ARCHIVE=PATH the folder is also packed into one .tgz there
@@ -61,8 +61,8 @@ cuda_tests solvers 40 tests/test_dispatcher.py tests/test_methods.py tests/test_
 cuda_tests models 35 tests/models
 # fp16 autocast with a GradScaler end to end, and bf16 autocast, with no casts in the cell.
 cuda_tests amp 25 tests/test_autocast.py
-step bench 40 bench.log python3 -m deq_ext.bench --device cuda --out "$out/bench-cuda.json"
-step bench_block 20 bench-block.log python3 -m deq_ext.bench --device cuda --problem block \
+step bench 40 bench.log python3 -m benchmarks.solver_bench --device cuda --out "$out/bench-cuda.json"
+step bench_block 20 bench-block.log python3 -m benchmarks.solver_bench --device cuda --problem block \
   --no-bandwidth --no-sweep --out "$out/bench-cuda-solver-bound.json"
 step micro 45 micro.log python3 -m pytest benchmarks/micro -p no:cacheprovider -q -o addopts="" \
   --micro-sizes=full --micro-budget=0.2 -k cuda --benchmark-json="$out/micro-cuda.json"

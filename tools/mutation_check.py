@@ -5,7 +5,7 @@
 Each mutant replaces a snippet of one file (found exactly once, or the list is stale and
 the check fails), runs the tests named for it, and restores the file. A mutant whose tests
 still pass "survived": the claim it breaks is not guarded. The check fails when any mutant
-survives or cannot be applied. The list grows with every claim the README makes.
+survives or cannot be applied. The list grows with every claim the documentation makes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Mutant:
     id: str
-    claim: str                      # what the README promises, that this break violates
+    claim: str                      # what the documentation promises, that this break violates
     file: str                       # relative to the repository root
     edits: tuple[tuple[str, str], ...]  # (original snippet, replacement), each found once
     tests: tuple[str, ...]          # pytest arguments: the tests that must fail
@@ -282,9 +282,25 @@ MUTANTS: tuple[Mutant, ...] = (
     # -- benchmarks --------------------------------------------------------------------------
     _m("bench-verdict-when-busy",
        "a benchmark run on a busy machine reports figures but no verdict",
-       "deq_ext/bench/report.py",
+       "benchmarks/solver_bench.py",
        "passed = None if v is None or busy else (", "passed = None if v is None else (",
-       "tests/test_bench.py::test_busy_machine_gets_figures_but_no_verdict"),
+       "tests/benchmarks/test_solver_bench.py::test_busy_machine_gets_figures_but_no_verdict"),
+    _m("bench-any-type-error-skips-a-row",
+       "only an optional row (graph=True) is skipped when the solver rejects its option",
+       "deq_ext/bench/solves.py",
+       "            if name not in OPTIONAL:\n                raise\n",
+       "            if False:\n                raise\n",
+       "tests/test_bench.py::test_an_optional_row_the_solver_rejects_is_skipped_with_a_note"),
+    _m("bench-f-timer-waits",
+       "on CUDA the bench times f with events, never waiting inside the timed solve",
+       "deq_ext/bench/problem.py",
+       "            end.record()\n", "            end.record()\n            torch.cuda.synchronize()\n",
+       "tests/test_bench.py::test_cuda_f_timer_records_events_and_never_waits_inside_the_solve"),
+    _m("bench-floor-ignores-ring-fill",
+       "the bandwidth floor counts each sample's steps at its ring's fill",
+       "deq_ext/bench/limits.py",
+       "full = max(n - memory, 0)", "full = n",
+       "tests/test_bench.py::test_passes_bytes_counts_each_sample_at_its_ring_fill"),
     _m("peak-counts-aliases",
        "the CPU peak memory counts each new storage once (views and in-place ops allocate nothing)",
        "benchmarks/peak_memory.py",

@@ -230,11 +230,5 @@ def write_results(path: str, cfg: CopyConfig, summary: dict[str, Any], device: t
                                   baselines=summary["baselines"]))
 
 
-def cli() -> int:
-    """Console-script entry point: runs :func:`main` on the command line's arguments."""
-    main()
-    return 0
-
-
 if __name__ == "__main__":
     main()

@@ -260,11 +260,5 @@ def write_results(path: str, cfg: DigitsConfig, summary: dict[str, Any], device:
                                   train_solves=summary["train_solves"], cpu_s=summary["cpu_s"]))
 
 
-def cli() -> int:
-    """Console-script entry point: runs :func:`main` on the command line's arguments."""
-    main()
-    return 0
-
-
 if __name__ == "__main__":
     main()

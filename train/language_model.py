@@ -201,11 +201,5 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     return summary
 
 
-def cli() -> int:
-    """Console-script entry point: runs :func:`main` on the command line's arguments."""
-    main()
-    return 0
-
-
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ fixed_point_step_    3         read z, g; write z
 anderson_store_      m + 4     read z, g; write X[slot], G[slot]; read G for the Gram row
 anderson_mix_        2m + 1    read X, G; write z
 broyden iteration    4m + 17   residual_status_ + reduce + expand (the last two:
-                               ``deq_ext.bench.bandwidth.fused_bytes``)
+                               ``deq_ext.bench.fused_bytes``)
 anderson iteration   3m + 11   residual_status_ + store + mix
 fixed_point iter.    9         residual_status_ + step
 ===================  ========  ===================================================
@@ -43,16 +43,15 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 import deq_ext
-from deq_ext import _extension, reference
-from deq_ext.bench.bandwidth import fused_bytes, torchdeq_matvecs, torchdeq_update
-from deq_ext.bench.config import BandwidthSizes
-from deq_ext.solvers._base import scratch_partials
-from deq_ext.status import Status
+from deq_ext import Status, reference
+from deq_ext.bench import BandwidthSizes, fused_bytes, torchdeq_matvecs, torchdeq_update
+from deq_ext.solvers import scratch_partials
 
 DEVICES = ("cpu", "cuda")
 SIZE_SETS = ("tiny", "full")
@@ -491,7 +490,8 @@ def ops_module(impl: str, device: str) -> Any:
         raise RuntimeError(f"deq_ext._C is not loaded: {info.get('error')}")
     if device == "cuda" and not info.get("cuda"):
         raise RuntimeError("a CUDA device is present but deq_ext was built without CUDA kernels")
-    return _extension.ops()
+    # The dispatcher ops' default overloads: the cheapest call, the one the solvers make.
+    return SimpleNamespace(**{name: getattr(torch.ops.deq_ext, name).default for name in OPS})
 
 
 __all__ = ["Case", "Kind", "ITERATIONS", "OPS", "Point", "Spec", "SWEEPS", "ops_module",

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from deq_ext.bench.env import copy_bandwidth, device_name, load_average, provenance
+from deq_ext.bench import copy_bandwidth, device_name, load_average, provenance
 
 from .cases import SIZE_SETS, Point
 from .harness import TIMING, Env

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from deq_ext.bench.env import sync
+from deq_ext.bench import sync
 
 from .cases import DEVICES, Case, Kind, Point, ops_module, specs
 

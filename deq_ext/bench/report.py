@@ -1,67 +1,13 @@
-"""The targets of the issues and the human-readable report of a run."""
+"""The human-readable report of a run of ``python -m deq_ext.bench``."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Optional
-
-import torch
-
-
-@dataclass(frozen=True)
-class Target:
-    """One performance target of the issue: ``value <op> threshold`` on ``devices``."""
-
-    name: str
-    description: str
-    op: str  # "<=" or ">="
-    threshold: float
-    devices: tuple[str, ...]
-
-
-TARGETS = (
-    Target("solver_overhead_ratio", "deq_ext solver time / torchdeq solver time", "<=", 0.5, ("cpu",)),
-    Target("total_speedup", "torchdeq total time / deq_ext total time", ">=", 2.0, ("cpu",)),
-    Target("compaction_rows_saved", "1 - f rows with compaction / f rows without", ">=", 0.40,
-           ("cpu", "cuda")),
-    Target("fused_bandwidth_fraction", "fused passes GB/s / device copy GB/s", ">=", 0.70, ("cuda",)),
-    Target("step_speedup", "torchdeq-style step time / fused passes time", ">=", 3.0, ("cuda",)),
-)
-
-
-
-def check_targets(ratios: dict[str, Optional[float]], bandwidth: Optional[dict[str, Any]],
-                  device: torch.device, busy: bool = False) -> list[dict[str, Any]]:
-    """Every target with its measured value; ``passed`` is None when it could not be measured,
-    or for every target when the machine was ``busy`` (no verdict from a disturbed run)."""
-    values: dict[str, Optional[float]] = {
-        "solver_overhead_ratio": ratios.get("solver_overhead_ratio"),
-        "total_speedup": ratios.get("total_speedup"),
-        "compaction_rows_saved": ratios.get("compaction_rows_saved"),
-        "fused_bandwidth_fraction": (bandwidth or {}).get("fused", {}).get("fraction_of_copy"),
-        "step_speedup": (bandwidth or {}).get("step_speedup"),
-    }
-    checks = []
-    for t in TARGETS:
-        v = values[t.name]
-        passed = None if v is None or busy else (
-            v <= t.threshold if t.op == "<=" else v >= t.threshold)
-        checks.append({"name": t.name, "description": t.description, "value": v, "op": t.op,
-                       "threshold": t.threshold, "devices": list(t.devices),
-                       "applies": device.type in t.devices, "passed": passed})
-    return checks
-
-
-def targets_met(checks: list[dict[str, Any]]) -> Optional[bool]:
-    """True when every target that applies on this device passed; None if one was not measured."""
-    applicable = [c["passed"] for c in checks if c["applies"]]
-    if any(p is None for p in applicable):
-        return None
-    return all(applicable)
 
 
 def _fmt(v: Optional[float], spec: str = ".3f") -> str:
+    """A figure, or ``n/a`` when it is missing (an untimed f) or NaN."""
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
@@ -96,8 +42,26 @@ def _active_fraction_lines(section: Optional[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _per_iteration_lines(results: dict[str, Any]) -> list[str]:
+    """Per loop iteration: total and solver time, and the passes' bandwidth floor where known."""
+    rows = [(n, s) for n, s in results["solves"].items() if s.get("iterations")]
+    if not rows:
+        return []
+    bw = (results.get("bandwidth") or {}).get("copy")
+    floor = (f"floor: the fused passes' bytes at the copy bandwidth ({bw['gbps']:.1f} GB/s)"
+             if bw else "no floor without the bandwidth section")
+    head = (f"  {'solver':<24}{'iterations':>11}{'total ms':>10}{'solver ms':>11}{'floor ms':>10}"
+            f"{'solver/floor':>14}")
+    lines = ["", f"per loop iteration (f calls - 1; {floor})", head]
+    for name, s in rows:
+        lines.append(f"  {name:<24}{s['iterations']:>11d}{_fmt(s.get('total_ms_per_iter')):>10}"
+                     f"{_fmt(s.get('solver_ms_per_iter')):>11}{_fmt(s.get('floor_ms_per_iter')):>10}"
+                     f"{_fmt(s.get('solver_over_floor'), '.2f'):>14}")
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """The human-readable report (ratios and target checks last)."""
+    """The human-readable report (ratios last)."""
     cfg = results["config"]
     lines = [
         f"deq_ext.bench  {results['timestamp']}",
@@ -119,10 +83,13 @@ def format_table(results: dict[str, Any]) -> str:
     for name, s in results["solves"].items():
         lines.append(
             f"{name:<24}{s['total_s']:>9.3f}{_range(s.get('total_s_spread')):>14}"
-            f"{s['f_s']:>9.3f}{s['solver_s']:>10.3f}"
-            f"{s['f_calls']:>9.0f}{s['f_rows']:>8.0f}"
+            f"{_fmt(s['f_s']):>9}{_fmt(s['solver_s']):>10}"
+            f"{_fmt(s['f_calls'], '.0f'):>9}{_fmt(s['f_rows'], '.0f'):>8}"
             f"{s['nstep_mean']:>10.1f}/{s['nstep_max']:<5.0f}"
             f"{int(s['converged']):>6d}/{cfg['batch']:<4d}{s['max_abs_residual']:>14.2e}")
+    for name, why in (results.get("skipped_solvers") or {}).items():
+        lines.append(f"{name:<24}skipped: {why}")
+    lines += _per_iteration_lines(results)
     bw = results.get("bandwidth")
     if bw:
         z = bw["sizes"]
@@ -153,9 +120,13 @@ def format_table(results: dict[str, Any]) -> str:
         ("deq_ext f calls / torchdeq's", r.get("f_calls_ratio")),
         ("deq_ext f rows / torchdeq's", r.get("f_rows_ratio")),
         ("deq_ext f rows saved by compaction (vs no compact)", r.get("compaction_rows_saved")),
+        ("deq_ext total speedup if its solver cost nothing but f (Amdahl limit)",
+         r.get("amdahl_speedup_limit")),
+        ("deq_ext solver time / bandwidth floor of its passes", r.get("solver_over_floor")),
         ("deq_ext total speedup from compaction", r.get("compaction_total_speedup")),
         ("deq_ext speedup from reading the device every 4th iteration", r.get("check_every_4_speedup")),
         ("deq_ext speedup from never reading it (max_iter steps)", r.get("no_sync_speedup")),
+        ("CUDA-graph replay speedup (deq_ext total / deq_ext[graph]'s)", r.get("graph_speedup")),
         ("reference twin solver overhead", r.get("reference_solver_overhead_ratio")),
         ("reference twin total speedup", r.get("reference_total_speedup")),
         ("reference twin f rows / torchdeq's", r.get("reference_f_rows_ratio")),
@@ -163,13 +134,6 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     lines += [f"  {label:<72}{_fmt(v):>8}" for label, v in rows
               if label.startswith("deq") or v is not None]
-    lines += ["", "targets"]
     if results.get("busy"):
-        lines.append(f"  WARNING: the machine was busy ({results['busy']}); no verdicts")
-    for t in results["targets"]:
-        verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
-        scope = "" if t["applies"] else f"  (informational: a target on {'/'.join(t['devices'])} only)"
-        lines.append(f"  {t['name']:<26}{_fmt(t['value']):>8} {t['op']} {t['threshold']:<5g}"
-                     f"{verdict:>6}{scope}")
+        lines += ["", f"WARNING: the machine was busy ({results['busy']}); the timings may be off"]
     return "\n".join(lines)
-

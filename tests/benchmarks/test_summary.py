@@ -74,3 +74,18 @@ def test_a_busy_bench_run_gets_no_verdict_and_names_its_workload(tmp_path):
     assert "machine busy, no verdicts: load 3.1" in text
     line = next(ln for ln in text.splitlines() if "total_speedup" in ln)
     assert "[mlp f; 5 rounds 1.90..2.30]" in line and not line.rstrip().endswith("PASS")
+
+
+def test_a_record_of_the_user_benchmark_gets_its_targets_checked_here(tmp_path):
+    """``python -m deq_ext.bench`` records no targets; the summary checks them from its ratios."""
+    _write(tmp_path / "plain.json", {
+        "command": "python -m deq_ext.bench --device cpu", "device": "cpu0", "busy": None,
+        "problem": {"kind": "mlp"}, "config": {"device": "cpu", "repeat": 5},
+        "ratios": {"solver_overhead_ratio": 0.2, "total_speedup": 1.5, "compaction_rows_saved": 0.45},
+        "bandwidth": None})
+    text, ok = summarize([str(tmp_path)])
+    assert not ok
+    line = next(ln for ln in text.splitlines() if "total_speedup" in ln)
+    assert "1.500" in line and line.rstrip().endswith("FAIL")
+    assert any("compaction_rows_saved" in ln and ln.rstrip().endswith("PASS")
+               for ln in text.splitlines())

@@ -17,7 +17,7 @@ import torch
 from benchmarks import step_workloads as sw
 from benchmarks import training_step as ts
 from benchmarks.summary import summarize
-from deq_ext.bench.env import median_index
+from deq_ext.bench import median_index
 
 pytestmark = pytest.mark.usefixtures("compiled")
 
