@@ -103,6 +103,15 @@ def _solver_precision(f: Callable[..., torch.Tensor], x0: Any) -> Iterator[Calla
         yield autocast.wrap(f, x0.dtype)
 
 
+def _official(semantics: Optional[str], graph: bool, adapter: str) -> bool:
+    """Whether the call runs the original algorithm (which has no CUDA-graph mode)."""
+    official = _resolve(semantics) == "official"
+    if official and graph:
+        raise ValueError(f"deq_ext.compat.{adapter}: graph=True replays deq_ext's solver loop; the "
+                         "official algorithm has none: pass semantics='deq_ext'")
+    return official
+
+
 def _batch_norm(per_sample: torch.Tensor) -> float:
     """The norm over the whole batch of per-sample norms, as locuslab/deq measures residuals."""
     return float(per_sample.double().pow(2).sum().sqrt())
@@ -110,7 +119,7 @@ def _batch_norm(per_sample: torch.Tensor) -> float:
 
 def broyden(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, threshold: int,
             eps: float = 1e-3, stop_mode: str = "rel", ls: bool = False,
-            name: str = "unknown", *, semantics: Optional[str] = None,
+            name: str = "unknown", *, semantics: Optional[str] = None, graph: bool = False,
             **kwargs: Any) -> dict[str, Any]:
     """locuslab/deq's ``broyden(f, x0, threshold, eps, stop_mode, ls, name)``.
 
@@ -129,24 +138,26 @@ def broyden(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, thresho
       slowest sample's step count, traces start with x0's residual and are as long as the solve
       ran, ``prot_break`` means some sample diverged, ``ls`` is deq_ext's per-sample Armijo
       search; also ``status`` and ``nstep_per_sample``.
+
+    ``graph=True`` (CUDA, ``"deq_ext"`` semantics only) replays the solver loop as CUDA graphs
+    (see :func:`deq_ext.broyden`).
     """
     _reject("broyden", kwargs)
-    official = _resolve(semantics) == "official"
+    official = _official(semantics, graph, "broyden")
     with _solver_precision(f, x0) as f:
         if official:
             out = official_broyden(f, x0, threshold, eps=eps, stop_mode=stop_mode, ls=ls)
             return {**out, "name": name, "semantics": "official"}
         # The original keeps every pair: memory = threshold, whatever broyden's own default.
         res = _broyden(f, x0, max_iter=threshold, tol=eps, stop_mode=stop_mode, line_search=ls,
-                       memory=threshold,
-                       trace=True)
+                       memory=threshold, trace=True, graph=graph)
         return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
 def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int = 6,
              lam: float = 1e-4, threshold: int = 50, eps: float = 1e-3, stop_mode: str = "rel",
              beta: float = 1.0, *, name: str = "unknown", semantics: Optional[str] = None,
-             **kwargs: Any) -> dict[str, Any]:
+             graph: bool = False, **kwargs: Any) -> dict[str, Any]:
     """locuslab/deq's ``anderson(f, x0, m, lam, threshold, eps, stop_mode, beta)``.
 
     ``name`` is accepted because MDEQ-Vision passes it (the original ignores it); any other
@@ -155,17 +166,18 @@ def anderson(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, m: int
     ``lam`` is an absolute ridge, the relative residual is ``|f(z) - z| / (|f(z)| + 1e-5)``,
     traces have ``threshold - 2`` entries, there is no stall or divergence rule and
     ``prot_break`` is False. With ``"deq_ext"``: :func:`deq_ext.anderson` per sample,
-    ``threshold`` steps, ``lam`` relative to the Gram matrix's scale.
+    ``threshold`` steps, ``lam`` relative to the Gram matrix's scale. ``graph``: as
+    :func:`broyden`'s.
     """
     _reject("anderson", kwargs)
-    official = _resolve(semantics) == "official"
+    official = _official(semantics, graph, "anderson")
     with _solver_precision(f, x0) as f:
         if official:
             out = official_anderson(f, x0, m=m, lam=lam, threshold=threshold, eps=eps,
                                     stop_mode=stop_mode, beta=beta)
             return {**out, "name": name, "semantics": "official"}
         res = _anderson(f, x0, memory=m, lam=lam, max_iter=threshold, tol=eps,
-                        stop_mode=stop_mode, beta=beta, trace=True)
+                        stop_mode=stop_mode, beta=beta, trace=True, graph=graph)
         return _locuslab_dict(res, stop_mode, eps, threshold, name)
 
 
@@ -216,7 +228,8 @@ def _torchdeq_info(res: SolverResult):
 def torchdeq_broyden(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
                      max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "abs",
                      indexing: Optional[list] = None, LBFGS_thres: Optional[int] = None,
-                     ls: bool = False, return_final: bool = False, **kwargs):
+                     ls: bool = False, return_final: bool = False, graph: bool = False,
+                     **kwargs):
     """torchdeq's solver signature: returns ``(z, trajectory, info)``.
 
     ``info`` has torchdeq's fields (abs_lowest, rel_lowest, abs_trace,
@@ -226,39 +239,41 @@ def torchdeq_broyden(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Ten
     ``return_final``), per sample; a sample that stopped earlier repeats its
     final iterate, and a k beyond ``max_iter`` gives the solution. The history
     ``LBFGS_thres`` defaults to ``max_iter``, as torchdeq's. A keyword argument
-    not in the signature is a TypeError (torchdeq's own solvers ignore it).
+    not in the signature is a TypeError (torchdeq's own solvers ignore it). ``graph=True``
+    (CUDA) replays the solver loop as CUDA graphs (:func:`deq_ext.broyden`).
     """
     _reject("torchdeq_broyden", kwargs)
     with _solver_precision(func, x0) as func:
         res = _broyden(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
                        memory=LBFGS_thres or max_iter, line_search=ls, return_final=return_final,
-                       trace=True, record=_recorded_steps(indexing, max_iter))
+                       trace=True, record=_recorded_steps(indexing, max_iter), graph=graph)
         return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_anderson(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
                       max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "abs",
                       indexing: Optional[list] = None, m: int = 6, lam: float = 1e-4,
-                      tau: float = 1.0, return_final: bool = False, **kwargs):
+                      tau: float = 1.0, return_final: bool = False, graph: bool = False,
+                      **kwargs):
     """torchdeq's ``anderson_solver`` signature (``tau`` is the mixing ``beta``); see torchdeq_broyden."""
     _reject("torchdeq_anderson", kwargs)
     with _solver_precision(func, x0) as func:
         res = _anderson(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=m,
                         lam=lam, beta=tau, return_final=return_final, trace=True,
-                        record=_recorded_steps(indexing, max_iter))
+                        record=_recorded_steps(indexing, max_iter), graph=graph)
         return _torchdeq_triple(res, indexing, max_iter)
 
 
 def torchdeq_fixed_point(func: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor,
                          max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "abs",
                          indexing: Optional[list] = None, tau: float = 1.0,
-                         return_final: bool = False, **kwargs):
+                         return_final: bool = False, graph: bool = False, **kwargs):
     """torchdeq's ``fixed_point_iter`` signature (``tau`` is the damping); see torchdeq_broyden."""
     _reject("torchdeq_fixed_point", kwargs)
     with _solver_precision(func, x0) as func:
         res = _fixed_point(func, x0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, tau=tau,
                            return_final=return_final, trace=True,
-                           record=_recorded_steps(indexing, max_iter))
+                           record=_recorded_steps(indexing, max_iter), graph=graph)
         return _torchdeq_triple(res, indexing, max_iter)
 
 

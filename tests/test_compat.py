@@ -185,3 +185,16 @@ def test_semantics_switch_function_environment_and_argument(monkeypatch):
             compat.broyden(f, z0, 20)
     finally:
         compat.set_semantics(previous)
+
+
+def test_graph_needs_deq_ext_semantics_and_cuda():
+    """graph=True replays deq_ext's loop: refused with the official algorithm, and (as in the
+    solvers) without a CUDA device."""
+    x0 = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match="official algorithm has none"):
+        compat.broyden(lambda z: 0.5 * z, x0, 5, semantics="official", graph=True)
+    with pytest.raises(ValueError, match="official algorithm has none"):
+        compat.anderson(lambda z: 0.5 * z, x0, semantics="official", graph=True)
+    for adapter in (compat.torchdeq_broyden, compat.torchdeq_anderson, compat.torchdeq_fixed_point):
+        with pytest.raises(ValueError, match="needs z0 on a CUDA device"):
+            adapter(lambda z: 0.5 * z, x0, graph=True)

@@ -79,3 +79,23 @@ def test_a_capture_that_cannot_work_names_the_cause():
 
     with pytest.raises(deq_ext.GraphCaptureError, match="graph=True needs an f with"):
         deq_ext.broyden(reads_the_device, z0, inputs=inputs, graph=True, tol=1e-12, max_iter=20)
+
+
+def test_adapters_replay_too():
+    """The locuslab (deq_ext semantics) and torchdeq adapters take graph=True: same results."""
+    from deq_ext import compat
+
+    f, z0, inputs = _problem(B=8, D=64)
+
+    def g(z):
+        return f(z, *inputs)
+
+    eager = compat.torchdeq_broyden(g, z0, max_iter=30, tol=1e-5)
+    graphed = compat.torchdeq_broyden(g, z0, max_iter=30, tol=1e-5, graph=True)
+    assert same_bits(graphed[0], eager[0])
+    z3 = z0.view(8, 64, 1)
+    out = compat.broyden(lambda z: g(z.view(8, 64)).view(8, 64, 1), z3, 30, eps=1e-5,
+                         semantics="deq_ext", graph=True)
+    ref = compat.broyden(lambda z: g(z.view(8, 64)).view(8, 64, 1), z3, 30, eps=1e-5,
+                         semantics="deq_ext")
+    assert same_bits(out["result"], ref["result"])
