@@ -58,6 +58,9 @@ cuda_tests() {
 cuda_tests ops 40 tests/test_broyden_ops.py tests/test_anderson_ops.py
 cuda_tests solvers 40 tests/test_dispatcher.py tests/test_methods.py tests/test_sync_free.py \
   tests/test_broyden_solver.py tests/test_compaction.py
+# graph=True: replays against the eager loop bit for bit (solvers, layer, adapters), a capture
+# failure's message.
+cuda_tests graph 40 tests/test_graph.py
 cuda_tests models 35 tests/models
 # fp16 autocast with a GradScaler end to end, and bf16 autocast, with no casts in the cell.
 cuda_tests amp 25 tests/test_autocast.py
@@ -84,7 +87,7 @@ step compile 90 compile.log python3 -m benchmarks.compile_step --device cuda --r
 {
   echo "== deq_ext GPU check: $(cat "$out/torch.txt"), arch $TORCH_CUDA_ARCH_LIST"
   echo "build_info: $(cat "$out/build_info.json")"
-  for group in ops solvers models amp; do echo "tests_$group: $(tail -n 1 "$out/pytest-$group.log")"; done
+  for group in ops solvers graph models amp; do echo "tests_$group: $(tail -n 1 "$out/pytest-$group.log")"; done
   printf '%s\n' "${summary[@]}"
   echo
   python3 -m benchmarks.summary "$out"

@@ -38,7 +38,7 @@ class CountReader:
         self.cuda = counts.device.type == "cuda"
         self.pushed = 0
         n = self.lag + 1
-        self.slots = [torch.empty_like(counts, device="cpu", pin_memory=self.cuda)
+        self.slots = [torch.empty(counts.shape, dtype=counts.dtype, pin_memory=self.cuda)
                       for _ in range(n)] if self.lag else []
         self.events = [torch.cuda.Event() for _ in range(n)] if self.cuda and self.lag else []
 
