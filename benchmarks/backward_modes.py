@@ -78,6 +78,15 @@ TRAINING_MODES: dict[str, list[str]] = {
     "phantom": ["--grad-mode", "phantom", "--phantom-steps", str(PHANTOM_STEPS)],
     "one_step": ["--grad-mode", "phantom", "--phantom-steps", "1"],
 }
+# The issue's targets, on the trained copy-memory model: (mode, figure, bound, at most?).
+TARGETS: dict[str, tuple[tuple[str, str, float, bool], ...]] = {
+    "copy_memory": (("implicit", "vjp_rows_over_f_rows", 0.4, True),
+                    ("implicit_warm", "vjp_rows_over_f_rows", 0.4, True),
+                    ("implicit", "torchdeq_over_step", 2.0, False),
+                    ("implicit_warm", "torchdeq_over_step", 2.0, False),
+                    ("shine", "cosine", 0.95, False),
+                    ("shine_unchecked", "cosine", 0.95, False)),
+}
 REFERENCE_FACTOR = 1e-3  # the reference adjoint's tolerance, relative to the workload's
 REFERENCE_MAX_ITER = 200
 COUNTING = ("f rows: rows of every call of f (forward solve, the application at z* that "
@@ -311,7 +320,22 @@ def measure(w: sw.Workload, reps: int, warmup: int, modes: list[str]) -> dict[st
             "torchdeq_over_step": ratio(torchdeq_s, med["step_s"]),
             "step_s": spread([r["step_s"] for r in recs]),
             **agreement(grads[name], ref), **extra[name]}
+    result["targets"] = targets(w.name, result["modes"])
     return result
+
+
+def targets(workload: str, modes: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets that apply to the workload's measured modes, each with its verdict
+    (None without a value; ``main`` clears them all on a busy machine)."""
+    out = []
+    for mode, figure, bound, at_most in TARGETS.get(workload, ()):
+        if mode not in modes:
+            continue
+        value = modes[mode].get(figure)
+        passed = None if value is None else (value <= bound if at_most else value >= bound)
+        out.append({"mode": mode, "figure": figure, "value": value,
+                    "bound": f"{'<=' if at_most else '>='} {bound:g}", "pass": passed})
+    return out
 
 
 # -- whole training runs -------------------------------------------------------------------------
@@ -436,6 +460,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results["wall_s"] = time.perf_counter() - t0
     results["load_average_end"] = ms.load_average()
     results["busy"] = machine_busy(results["load_average_start"], results["load_average_end"])
+    if results["busy"]:  # timings on a shared machine get figures but no verdicts
+        for res in results.get("workloads", {}).values():
+            for t in res["targets"]:
+                if "over_step" in t["figure"]:
+                    t["pass"] = None
     print(table, flush=True)
     if args.out:
         write_json(results, args.out)
@@ -469,6 +498,10 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{_f(m['vjp_rows_over_f_rows'], '.2f'):>7}{_f(m['backward_over_forward'], '.2f'):>9}"
                 f"{m['median_step_s']:>9.4f}{_f(m['torchdeq_over_step'], '.2f'):>9}"
                 f"{m['cosine']:>10.6f}{m['rel_error']:>10.2e}{_f(fb, '.2f'):>9}")
+        for t in res["targets"]:
+            verdict = "-" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+            lines.append(f"  target: {t['mode']} {t['figure']} {_f(t['value'], '.3f')} "
+                         f"{t['bound']}: {verdict}")
     return "\n".join(lines)
 
 

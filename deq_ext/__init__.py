@@ -18,6 +18,7 @@ from ._extension import build_info
 from .jacobian import jac_reg, spectral_radius
 from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings, state_steps
 from .result import SolverResult
+from .shine import ShineFallback
 from .solvers import SOLVERS, anderson, broyden, fixed_point, register_solver, solve, unregister_solver
 from .states import StateSpec
 from .status import Status
@@ -34,6 +35,7 @@ __all__ = [
     "deq_fixed_point",
     "paper_settings",
     "SolverResult",
+    "ShineFallback",
     "Status",
     "broyden",
     "build_info",

@@ -10,6 +10,7 @@ import math
 import pytest
 
 from benchmarks import backward_modes as bm
+from benchmarks.summary import summarize
 
 pytestmark = pytest.mark.usefixtures("compiled")
 
@@ -76,3 +77,21 @@ def test_training_table_and_bad_arguments():
         with pytest.raises(SystemExit):
             bm.parse(bad)
     assert bm.parse(["--training-runs"]).modes == list(bm.TRAINING_MODES)
+
+
+def test_targets_and_their_summary(tmp_path):
+    modes = {"implicit": {"vjp_rows_over_f_rows": 0.8, "torchdeq_over_step": 2.5, "cosine": 1.0},
+             "shine": {"vjp_rows_over_f_rows": 0.2, "torchdeq_over_step": None, "cosine": 0.97}}
+    got = {(t["mode"], t["figure"]): t["pass"] for t in bm.targets("copy_memory", modes)}
+    assert got == {("implicit", "vjp_rows_over_f_rows"): False,
+                   ("implicit", "torchdeq_over_step"): True, ("shine", "cosine"): True}
+    assert bm.targets("hetero_mlp", modes) == []
+    record = {"command": "python -m benchmarks.backward_modes", "device": "cpu0", "busy": None,
+              "workloads": {"copy_memory": {"modes": modes,
+                                            "targets": bm.targets("copy_memory", modes)}}}
+    path = tmp_path / "modes.json"
+    path.write_text(json.dumps(record))
+    text, ok = summarize([str(path)])
+    assert not ok
+    line = next(ln for ln in text.splitlines() if "implicit: vjp_rows_over_f_rows" in ln)
+    assert "0.800" in line and "<= 0.4" in line and line.endswith("FAIL")
