@@ -17,16 +17,19 @@ digits MDEQ and the trained CPU language model of :mod:`benchmarks.trained_runs`
 
 ``--training-runs``: whole training runs of copy memory and digits, one per seed and mode, with
 the training scripts' ``--grad-mode``, ``--backward-init`` and ``--phantom-steps``: final test
-loss and accuracy, wall time (much longer: about 3 minutes per run on 2 cores).
+loss and accuracy, wall time (much longer: minutes per run on 2 cores). The record is written
+after every run, and a rerun with the same ``--out`` keeps the runs it already holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -364,25 +367,38 @@ def training_run(task: str, mode: str, seed: int, quick: bool) -> dict[str, Any]
             "wall_s": summary["wall_s"], "final_train_loss": summary["losses"][-1]}
 
 
-def training_runs(tasks: list[str], modes: list[str], seeds: list[int],
-                  quick: bool) -> dict[str, Any]:
-    """Every (task, mode, seed) run, and per task and mode the figures listed by seed."""
+def training_runs(tasks: list[str], modes: list[str], seeds: list[int], quick: bool,
+                  done: Optional[dict[str, Any]] = None,
+                  save: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
+    """Every (task, mode, seed) run, and per task and mode the figures listed by seed.
+
+    Runs already in ``done`` (an earlier record's ``training_runs``, same seeds) are kept, not
+    rerun; ``save`` gets the record after every run, so a long series can be resumed."""
     out: dict[str, Any] = {}
     for task in tasks:
         out[task] = {}
         for mode in modes:
+            earlier = {r["seed"]: r for r in (done or {}).get(task, {}).get(mode, {})
+                       .get("runs", [])}
             runs = []
             for seed in seeds:
-                progress(f"training {task} with {mode}, seed {seed}")
-                runs.append(training_run(task, mode, seed, quick))
-            keys = ("test_loss", "test_accuracy", "wall_s", "final_train_loss")
-            entry: dict[str, Any] = {"seeds": seeds, "runs": runs}
-            for k in keys:
-                vals = [r[k] for r in runs if r[k] is not None]
-                entry[k] = vals
-                entry[f"{k}_mean"] = statistics.fmean(vals) if vals else None
-            out[task][mode] = entry
+                if seed in earlier:
+                    runs.append(earlier[seed])
+                else:
+                    progress(f"training {task} with {mode}, seed {seed}")
+                    runs.append({"seed": seed, **training_run(task, mode, seed, quick)})
+                out[task][mode] = _by_seed(runs)
+                save(out)
     return out
+
+
+def _by_seed(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "runs": runs}
+    for k in ("test_loss", "test_accuracy", "wall_s", "final_train_loss"):
+        vals = [r[k] for r in runs if r[k] is not None]
+        entry[k] = vals
+        entry[f"{k}_mean"] = statistics.fmean(vals) if vals else None
+    return entry
 
 
 # -- the run ------------------------------------------------------------------------------------------
@@ -444,7 +460,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     results = provenance(device, PROGRAM, args_list)
     t0 = time.perf_counter()
     if args.training_runs:
-        results["training_runs"] = training_runs(args.tasks, args.modes, args.seeds, args.quick)
+        done = None
+        if args.out and Path(args.out).exists():  # resume a series
+            done = json.loads(Path(args.out).read_text()).get("training_runs")
+
+        def save(partial: dict[str, Any]) -> None:
+            if args.out:
+                write_json({**results, "training_runs": partial, "complete": False}, args.out)
+
+        results["training_runs"] = training_runs(args.tasks, args.modes, args.seeds, args.quick,
+                                                 done, save)
+        results["complete"] = True
         table = format_training_table(results)
     else:
         reps = args.reps or (1 if args.quick else 3)
@@ -502,6 +528,36 @@ def format_table(results: dict[str, Any]) -> str:
             verdict = "-" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
             lines.append(f"  target: {t['mode']} {t['figure']} {_f(t['value'], '.3f')} "
                          f"{t['bound']}: {verdict}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The per-step record as the Markdown table of docs/backward.md (one row per workload and
+    mode)."""
+    lines = ["| workload | mode | f rows | VJP rows | VJP / f | bwd / fwd time | torchdeq / step "
+             "| cosine | rel. error | fallback |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, res in results["workloads"].items():
+        for mode, m in res["modes"].items():
+            fb = m.get("shine_fallback_share")
+            lines.append(
+                f"| {name} | {mode} | {m['f_rows']} | {m['vjp_rows']} "
+                f"| {_f(m['vjp_rows_over_f_rows'], '.2f')} "
+                f"| {_f(m['backward_over_forward'], '.2f')} "
+                f"| {_f(m['torchdeq_over_step'], '.2f')} | {m['cosine']:.4f} "
+                f"| {m['rel_error']:.1e} | {_f(fb, '.2f')} |")
+    return "\n".join(lines)
+
+
+def markdown_training_table(results: dict[str, Any]) -> str:
+    """The training-run record as the Markdown table of docs/backward.md."""
+    lines = ["| task | mode | test loss (per seed) | accuracy (per seed) | wall s (mean) |",
+             "|---|---|---|---|---|"]
+    for task, modes in results["training_runs"].items():
+        for mode, e in modes.items():
+            loss = ", ".join(f"{v:.4g}" for v in e["test_loss"])
+            acc = ", ".join(f"{v:.4f}" for v in e["test_accuracy"])
+            lines.append(f"| {task} | {mode} | {loss} | {acc} | {_f(e['wall_s_mean'], '.0f')} |")
     return "\n".join(lines)
 
 

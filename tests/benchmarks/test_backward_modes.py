@@ -95,3 +95,19 @@ def test_targets_and_their_summary(tmp_path):
     assert not ok
     line = next(ln for ln in text.splitlines() if "implicit: vjp_rows_over_f_rows" in ln)
     assert "0.800" in line and "<= 0.4" in line and line.endswith("FAIL")
+
+
+def test_a_training_run_is_recorded_and_kept_on_a_rerun(tmp_path, monkeypatch):
+    out = tmp_path / "runs.json"
+    args = ["--training-runs", "--quick", "--tasks", "digits", "--modes", "one_step",
+            "--seeds", "0", "--out", str(out)]
+    first = bm.main(args)["training_runs"]["digits"]["one_step"]
+    assert first["seeds"] == [0] and 0 <= first["test_accuracy"][0] <= 1
+    assert "--grad-mode phantom --phantom-steps 1" in first["runs"][0]["command"]
+    assert json.loads(out.read_text())["complete"] is True
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was run again")
+
+    monkeypatch.setattr(bm, "training_run", no_training)
+    assert bm.main(args)["training_runs"]["digits"]["one_step"] == first
