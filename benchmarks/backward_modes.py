@@ -342,11 +342,15 @@ def targets(workload: str, modes: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- whole training runs -------------------------------------------------------------------------
-def training_run(task: str, mode: str, seed: int, quick: bool) -> dict[str, Any]:
-    """One training run of ``task`` with ``mode``'s flags; its final figures and wall time."""
+def training_run(task: str, mode: str, seed: int, quick: bool,
+                 steps: Optional[int] = None) -> dict[str, Any]:
+    """One training run of ``task`` with ``mode``'s flags (and ``steps`` optimizer steps instead
+    of the script's when given); its final figures and wall time."""
     args = ["--seed", str(seed), "--progress", "false", *TRAINING_MODES[mode]]
     if quick:
         args += ["--preset", "tiny"]
+    if steps is not None:
+        args += ["--steps", str(steps)]
     if task == "copy_memory":
         from train import copy_memory
 
@@ -369,25 +373,28 @@ def training_run(task: str, mode: str, seed: int, quick: bool) -> dict[str, Any]
 
 def training_runs(tasks: list[str], modes: list[str], seeds: list[int], quick: bool,
                   done: Optional[dict[str, Any]] = None,
-                  save: Callable[[dict[str, Any]], None] = lambda out: None) -> dict[str, Any]:
+                  save: Callable[[dict[str, Any]], None] = lambda out: None,
+                  steps: Optional[dict[str, int]] = None) -> dict[str, Any]:
     """Every (task, mode, seed) run, and per task and mode the figures listed by seed.
 
     Runs already in ``done`` (an earlier record's ``training_runs``, same seeds) are kept, not
-    rerun; ``save`` gets the record after every run, so a long series can be resumed."""
+    rerun; ``save`` gets the record after every run, so a long series can be resumed. ``steps``:
+    optimizer steps per task where not the script's own."""
     out: dict[str, Any] = {}
     for task in tasks:
-        out[task] = {}
-        for mode in modes:
-            earlier = {r["seed"]: r for r in (done or {}).get(task, {}).get(mode, {})
-                       .get("runs", [])}
-            runs = []
-            for seed in seeds:
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+        # Seed by seed, so that a series cut short has every mode at its first seeds.
+        for seed in seeds:
+            for mode in modes:
+                earlier = {r["seed"]: r for r in (done or {}).get(task, {}).get(mode, {})
+                           .get("runs", [])}
                 if seed in earlier:
-                    runs.append(earlier[seed])
+                    runs[mode].append(earlier[seed])
                 else:
                     progress(f"training {task} with {mode}, seed {seed}")
-                    runs.append({"seed": seed, **training_run(task, mode, seed, quick)})
-                out[task][mode] = _by_seed(runs)
+                    runs[mode].append({"seed": seed, **training_run(
+                        task, mode, seed, quick, (steps or {}).get(task))})
+                out[task] = {m: _by_seed(r) for m, r in runs.items() if r}
                 save(out)
     return out
 
@@ -421,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"training runs: of {', '.join(TASKS)} (default: both)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                         help="training runs: the seeds (default 0 1 2)")
+    parser.add_argument("--copy-steps", type=int, default=None,
+                        help="training runs: optimizer steps of copy memory (default: the "
+                             "script's 1500)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -442,7 +452,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in known_modes]
     if bad:
         parser.error(f"unknown modes {bad}; choose from {', '.join(known_modes)}")
-    for name in ("reps", "threads"):
+    for name in ("reps", "threads", "copy_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -468,8 +478,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if args.out:
                 write_json({**results, "training_runs": partial, "complete": False}, args.out)
 
+        steps = {"copy_memory": args.copy_steps} if args.copy_steps else None
         results["training_runs"] = training_runs(args.tasks, args.modes, args.seeds, args.quick,
-                                                 done, save)
+                                                 done, save, steps)
         results["complete"] = True
         table = format_training_table(results)
     else:
