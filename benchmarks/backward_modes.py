@@ -247,8 +247,8 @@ def backward_record(deq: DEQ) -> dict[str, Any]:
         codes = b.fallback.tolist()
         rec["shine_fallback"] = {str(c): codes.count(c) for c in sorted(set(codes))}
         rec["shine_fallback_share"] = sum(c != 0 for c in codes) / len(codes)
-        rel = b.rel_residual.double()
-        rec["shine_check_rel_residual"] = spread(rel[torch.isfinite(rel)].tolist())
+        if b.estimate_rel_residual is not None:  # the estimates' own, before any fallback
+            rec["shine_estimate_rel_residual"] = spread(b.estimate_rel_residual.tolist())
     return rec
 
 

@@ -115,7 +115,9 @@ class SolverStats:
     ``fallback`` (backward of ``grad_mode="shine"`` only): per sample, the
     :class:`~deq_ext.shine.ShineFallback` code: 0 where the SHINE estimate is the gradient (its
     ``nstep`` is 0, its ``status`` CONVERGED, its residuals those of the estimate's check),
-    else why the sample took the exact adjoint solve (whose figures it then has).
+    else why the sample took the exact adjoint solve (whose figures it then has);
+    ``estimate_rel_residual``: each sample's SHINE estimate's relative adjoint residual, from the
+    check (None when ``shine_tol`` is infinite: no check), to compare with ``shine_tol``.
     """
 
     nstep: torch.Tensor
@@ -128,6 +130,7 @@ class SolverStats:
     vjp_rows: Optional[int] = None
     rerecord_rows: Optional[int] = None
     fallback: Optional[torch.Tensor] = None
+    estimate_rel_residual: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
@@ -313,11 +316,13 @@ def _shine_backward(adjoint: AdjointMap, grad: torch.Tensor, estimate: torch.Ten
     abs_res = torch.full((B,), math.nan, dtype=rdt, device=grad.device)
     rel_res = abs_res.clone()
     nfev = torch.zeros(B, dtype=torch.int64, device=grad.device)
+    estimate_rel: Optional[torch.Tensor] = None
     if math.isfinite(shine_tol):
         with _reusable_backward():
             fy = adjoint(y)
         a, r = residuals(y, fy)
         abs_res, rel_res = a.to(rdt), r.to(rdt)
+        estimate_rel = rel_res.clone()
         code = accept(code, r, shine_tol)
         nfev += 1
     nstep = torch.zeros_like(nfev)
@@ -334,7 +339,8 @@ def _shine_backward(adjoint: AdjointMap, grad: torch.Tensor, estimate: torch.Ten
         status.index_copy_(0, samples, out.status)
         abs_res.index_copy_(0, samples, out.abs_residual.to(rdt))
         rel_res.index_copy_(0, samples, out.rel_residual.to(rdt))
-    return y, SolverStats(nstep, nfev, abs_res, rel_res, status, fallback=code)
+    return y, SolverStats(nstep, nfev, abs_res, rel_res, status, fallback=code,
+                          estimate_rel_residual=estimate_rel)
 
 
 @torch.compiler.disable  # one deliberate graph break: the solves' loops depend on the data

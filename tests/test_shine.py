@@ -220,6 +220,9 @@ def test_fallback_samples_get_the_implicit_gradient_of_the_whole_batch_solve(com
     _, checked = _cell_grads(cell, x, weights, forward=forward, grad_mode="shine",
                              backward=dict(shine_tol=1e30))  # checked, and all accepted
     assert (checked.backward_stats.fallback == ShineFallback.NONE).all()
+    torch.testing.assert_close(checked.backward_stats.estimate_rel_residual,
+                               checked.backward_stats.rel_residual)
+    assert probe.backward_stats.estimate_rel_residual is None
     rel = checked.backward_stats.rel_residual.sort().values
     tol = float(rel[B // 2 - 1] + rel[B // 2]) / 2
     shine, deq = _cell_grads(cell, x, weights, forward=forward, compact=compact,
@@ -227,6 +230,7 @@ def test_fallback_samples_get_the_implicit_gradient_of_the_whole_batch_solve(com
                                                               shine_tol=tol))
     fell = deq.backward_stats.fallback == ShineFallback.RESIDUAL
     assert 0 < int(fell.sum()) < B
+    assert torch.equal(fell, deq.backward_stats.estimate_rel_residual > tol)
     assert (deq.backward_stats.fallback[~fell] == ShineFallback.NONE).all()
     # x's gradient is per sample: the exact one where it fell back, else the estimate's.
     torch.testing.assert_close(shine[0][fell], implicit[0][fell], rtol=1e-9, atol=1e-11)
