@@ -373,7 +373,8 @@ def deq_fixed_point(
             solver's options, the backward settings take ``init``: ``'grad'`` (default: the
             adjoint solve starts from dL/dz*) or ``'shine'`` (it starts from the forward
             Broyden estimate ``-H^T dL/dz*``, :mod:`deq_ext.shine`: the same gradient to the
-            backward tolerance, usually in fewer VJPs), and ``shine_tol`` (see ``'shine'``).
+            backward tolerance; whether it saves VJPs depends on the model, and on the
+            workloads of docs/backward.md it did not), and ``shine_tol`` (see ``'shine'``).
         grad_mode: ``'implicit'`` (exact, Theorem 1), ``'phantom'`` (backprop
             through ``phantom_steps`` damped steps from z*; 1 step and damping 1
             is the one-step / Jacobian-free gradient) or ``'shine'`` (the forward Broyden
@@ -551,7 +552,8 @@ class DEQ(nn.Module):
     grad enabled) compute the Jacobian regularizer, kept in :attr:`jac_loss` for the loss;
     ``spectral_radius_steps=n`` puts a spectral-radius estimate in
     ``forward_stats.spectral_radius``; ``n_states=k`` returns a list of k states (see
-    :func:`deq_fixed_point`). z may be a tuple, list or dict of tensors.
+    :func:`deq_fixed_point`). z may be a tuple, list or dict of tensors. ``grad_mode`` and the
+    backward option ``init`` choose the gradient (docs/backward.md compares them).
 
     Example:
         >>> cell = MyCell(d)                      # cell(z, x) -> z

@@ -14,6 +14,10 @@ INverse Estimate from the forward pass for bi-level optimization and implicit mo
 * ``backward=dict(init="shine")``: the exact adjoint solve starts from the estimate instead of
   ``dL/dz*``, leaving only a correction to find (exact to the backward tolerance).
 
+How good the estimate is depends on the model: Broyden's ``H`` satisfies the secant conditions
+along the forward's own steps, not along ``dL/dz*``. With one value per sample it is exact after
+one step; on the trained models of docs/backward.md it was poorer than ``dL/dz*`` itself.
+
 Both keep the forward's pairs alive until backward (their bytes, in the history dtype); the
 default implicit backward keeps none of the forward's state.
 """
