@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +50,8 @@ def test_rows_and_accuracy_follow_each_mode(quick):
         assert modes[name]["cosine"] > 0.9999 and modes[name]["rel_error"] < 1e-3, name
         assert modes[name]["adjoint_vjp_rows"] >= batch  # at least the first evaluation
     # Unchecked SHINE: no VJP for the samples it keeps; their share is what fell back.
+    assert modes["shine"]["shine_estimate_rel_residual"]["n"] == batch  # every estimate checked
+    assert "shine_estimate_rel_residual" not in modes["shine_unchecked"]
     unchecked = modes["shine_unchecked"]
     kept = round(batch * (1 - unchecked["shine_fallback_share"]))
     assert unchecked["adjoint_vjp_rows"] == 0 or kept < batch
@@ -111,3 +114,13 @@ def test_a_training_run_is_recorded_and_kept_on_a_rerun(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bm, "training_run", no_training)
     assert bm.main(args)["training_runs"]["digits"]["one_step"] == first
+
+
+def test_the_docs_show_the_recorded_tables():
+    root = Path(bm.__file__).resolve().parents[1]
+    doc = (root / "docs" / "backward.md").read_text()
+    steps = json.loads((root / "benchmarks" / "results" / "backward-modes-cpu.json").read_text())
+    assert bm.markdown_table(steps) in doc
+    runs = json.loads((root / "benchmarks" / "results" /
+                       "backward-modes-training-cpu.json").read_text())
+    assert bm.markdown_training_table(runs) in doc

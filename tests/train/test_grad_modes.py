@@ -87,3 +87,15 @@ def test_bad_values_are_clear_errors():
         digits.main(["--preset", "tiny", "--steps", "1", "--solver", "anderson",
                      "--grad-mode", "shine"])
 
+
+
+def test_a_preset_selects_the_mode_through_its_overrides():
+    from models import get_preset
+    from models.overrides import apply_overrides
+
+    cfg = apply_overrides(get_preset("deq_transformer_tiny").config,
+                          {"modes": {"grad_mode": "shine", "backward_init": "shine"}})
+    assert (cfg.modes.grad_mode, cfg.modes.backward_init) == ("shine", "shine")
+    with pytest.raises(ValueError, match="backward_init"):
+        apply_overrides(get_preset("deq_transformer_tiny").config,
+                        {"modes.backward_init": "zero"})
