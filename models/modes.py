@@ -56,7 +56,7 @@ class ModeConfig:
         eval_forward: forward settings in eval mode (the paper relaxes the tolerance at
             inference); None: same as ``forward``.
         grad_mode, phantom_steps: passed to :func:`deq_ext.deq_fixed_point`: ``'implicit'``
-            (exact), ``'shine'`` (the forward Broyden estimate, no adjoint solve) or
+            (exact), ``'shine'`` (the forward Broyden estimate, checked; the exact solve where it fails) or
             ``'phantom'`` (backprop through ``phantom_steps`` steps of f from z*; 1: one-step).
         backward_init: where the adjoint solve starts (the backward settings' option ``init``):
             ``'grad'`` (dL/dz*) or ``'shine'`` (the forward Broyden estimate; same gradient, keeps

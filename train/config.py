@@ -48,7 +48,8 @@ class TrainConfig:
             then the model switches to ``mode``.
         mode: ``deq`` or ``unrolled`` after the pretrain steps.
         grad_mode: the DEQ's gradient: ``implicit`` (exact: the adjoint solve), ``shine`` (the
-            forward Broyden estimate of the adjoint solution, no adjoint solve; inexact) or
+            forward Broyden estimate of the adjoint solution, checked with one VJP, the exact solve where
+            the check fails; inexact) or
             ``phantom`` (backprop through ``phantom_steps`` steps of f from z*; 1: one-step).
             None: the model's own setting (implicit unless its preset says otherwise).
         backward_init: where the exact adjoint solve starts: ``grad`` (dL/dz*) or ``shine``
