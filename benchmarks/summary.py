@@ -5,7 +5,8 @@ a folder) and prints, for each, the figures the issues set targets on, with PASS
 kind is told by its content: the ``command`` it records (``python -m benchmarks.solver_bench`` or
 ``python -m deq_ext.bench``,
 ``python -m benchmarks.memory_table``, ``python -m benchmarks.runtime_table``,
-``python -m benchmarks.training_step``, ``python -m benchmarks.history_precision``) or, for
+``python -m benchmarks.training_step``, ``python -m benchmarks.history_precision``,
+``python -m benchmarks.backward_modes``) or, for
 pytest-benchmark output (the microbenchmarks), its ``benchmarks`` list. Files of other kinds are
 listed as skipped.
 """
@@ -108,6 +109,20 @@ def training_step_lines(res: dict[str, Any]) -> Iterator[Line]:
                w["rows_ratio_torchdeq_over_deq_ext"]["f_rows"], "", None)
 
 
+def backward_modes_lines(res: dict[str, Any]) -> Iterator[Line]:
+    """Backward modes: per workload and mode, VJP rows per f row and the gradient's cosine with
+    the exact one; the issue's targets with their verdicts (none for a timing on a busy
+    machine). Whole training runs: nothing to summarize."""
+    if res.get("busy"):
+        yield (f"machine busy, no timing verdicts: {res['busy']}", None, "", None)
+    for name, w in res.get("workloads", {}).items():
+        for mode, m in w["modes"].items():
+            yield (f"{name} {mode}: VJP rows / f rows", m["vjp_rows_over_f_rows"], "", None)
+            yield (f"{name} {mode}: gradient cosine with the exact one", m["cosine"], "", None)
+        for t in w.get("targets", []):
+            yield (f"{name} {t['mode']}: {t['figure']}", t["value"], t["bound"], t["pass"])
+
+
 def _ratio(num: float, den: float) -> Optional[float]:
     return num / den if den else None
 
@@ -170,7 +185,9 @@ def kind_of(res: dict[str, Any]) -> Optional[tuple[str, Callable[[dict[str, Any]
                                  ("python -m benchmarks.training_step", "training step",
                                   training_step_lines),
                                  ("python -m benchmarks.history_precision", "history precision",
-                                  history_precision_lines)):
+                                  history_precision_lines),
+                                 ("python -m benchmarks.backward_modes", "backward modes",
+                                  backward_modes_lines)):
         if command.startswith(prefix):
             return label, lines
     return None

@@ -19,6 +19,7 @@ from .jacobian import jac_reg, spectral_radius
 from .layer import DEQ, SolverSettings, SolverStats, deq_fixed_point, paper_settings, state_steps
 from .mixing import mixes_samples, sample_mixers
 from .result import SolverResult
+from .shine import ShineFallback
 from .solvers import SOLVERS, anderson, broyden, fixed_point, register_solver, solve, unregister_solver
 from .solvers._graph import GraphCaptureError
 from .solvers._memory import WorkspaceError, set_cpu_workspace_budget
@@ -38,6 +39,7 @@ __all__ = [
     "deq_fixed_point",
     "paper_settings",
     "SolverResult",
+    "ShineFallback",
     "Status",
     "broyden",
     "build_info",

@@ -147,3 +147,21 @@ class AdjointMap:
         y_rec = y.new_zeros((self.size, *y.shape[1:])).index_copy_(0, at, y)
         vjp = self._vjp(y_rec)
         return grad if vjp is None else vjp.index_select(0, at) + grad
+
+
+class SampleSubset:
+    """The adjoint map for a solve whose batch is some ``samples`` only (the SHINE fallback):
+    calls go to ``adjoint`` (their ``rows`` are sample indices, gathered from the solve's input
+    ``samples``), and the compaction hook's rows, positions in that batch, become sample indices."""
+
+    def __init__(self, adjoint: AdjointMap, samples: torch.Tensor) -> None:
+        self.adjoint, self.samples = adjoint, samples
+
+    def __call__(self, y: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.adjoint(y, self.samples if rows is None else rows)
+
+    def on_compact(self, rows: torch.Tensor) -> None:
+        self.adjoint.on_compact(self.samples.index_select(0, rows))
+
+    def on_replay(self, calls: int) -> None:
+        self.adjoint.on_replay(calls)

@@ -25,12 +25,22 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import nn
 
-from .adjoint import AdjointMap, autocast_state, check_rerecord_below
+from .adjoint import AdjointMap, SampleSubset, autocast_state, check_rerecord_below
 from .adjoint import reusable_backward as _reusable_backward
 from .jacobian import jac_reg, spectral_radius
 from .mixing import check_compactable
 from .precision import AutocastState
 from .result import SolverResult
+from .shine import (
+    DEFAULT_SHINE_TOL,
+    ForwardPairs,
+    ShineFallback,
+    accept,
+    check_backward_init,
+    check_shine_tol,
+    fallback_codes,
+    residuals,
+)
 from .solvers import get_solver, solve
 from .states import StateSpec, is_structured
 from .status import Status
@@ -131,6 +141,12 @@ class SolverStats:
     whether dL/dz* had a non-finite entry; such a sample is flagged DIVERGED and its dL/dz* is
     passed on as its gradient (so a GradScaler sees the overflow and skips the step). With
     ``stop_mode="grad"`` the residuals are relative to the sample's ``||dL/dz*||``.
+    ``fallback`` (backward of ``grad_mode="shine"`` only): per sample, the
+    :class:`~deq_ext.shine.ShineFallback` code: 0 where the SHINE estimate is the gradient (its
+    ``nstep`` is 0, its ``status`` CONVERGED, its residuals those of the estimate's check),
+    else why the sample took the exact adjoint solve (whose figures it then has);
+    ``estimate_rel_residual``: each sample's SHINE estimate's relative adjoint residual, from the
+    check (None when ``shine_tol`` is infinite: no check), to compare with ``shine_tol``.
     """
 
     nstep: torch.Tensor
@@ -144,6 +160,8 @@ class SolverStats:
     rerecord_rows: Optional[int] = None
     f_rows: Optional[int] = None
     nonfinite_grad: Optional[torch.Tensor] = None
+    fallback: Optional[torch.Tensor] = None
+    estimate_rel_residual: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, res: SolverResult) -> "SolverStats":
@@ -168,6 +186,8 @@ class SolverStats:
             out["vjp_rows"] = float(self.vjp_rows)
         if self.rerecord_rows is not None:
             out["rerecord_rows"] = float(self.rerecord_rows)
+        if self.fallback is not None:
+            out["shine_fallback"] = float((self.fallback != ShineFallback.NONE).double().mean())
         return out
 
 
@@ -296,6 +316,39 @@ def _times_rows(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (t.reshape(t.shape[0], -1).to(factor.dtype) * factor[:, None]).view(t.shape).to(t.dtype)
 
 
+GRAD_MODES = ("implicit", "phantom", "shine")
+
+
+def _check_backward_modes(grad_mode: Any, fwd: SolverSettings, bwd: SolverSettings) -> bool:
+    """Checks ``grad_mode`` and the backward options ``init`` and ``shine_tol``; returns whether
+    the backward pass needs the forward solve's Broyden pairs (:mod:`deq_ext.shine`)."""
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+    init = check_backward_init(bwd.options.get("init", "grad"))
+    check_shine_tol(bwd.options.get("shine_tol", DEFAULT_SHINE_TOL))
+    needs = grad_mode == "shine" or (grad_mode == "implicit" and init == "shine")
+    if needs and fwd.method != "broyden":
+        what = "grad_mode='shine'" if grad_mode == "shine" else "backward init='shine'"
+        raise ValueError(f"{what} reuses the forward solve's inverse-Jacobian estimate, which "
+                         f"only Broyden keeps; the forward method is {fwd.method!r} (use "
+                         f"method='broyden' forward, or grad_mode='implicit' with init='grad')")
+    return needs
+
+
+def _adjoint_start(grad: torch.Tensor, estimate: Optional[torch.Tensor]) -> torch.Tensor:
+    """The adjoint solve's first iterate: ``dL/dz*`` (cold), or the SHINE estimate where it is
+    finite (warm). Samples with a non-finite ``dL/dz*`` start at 0 (the solver rejects a
+    non-finite start) and are flagged by the solve."""
+    B = grad.shape[0]
+    shape = (B, *[1] * (grad.dim() - 1))
+    finite = torch.isfinite(grad.reshape(B, -1)).all(dim=1)
+    y0 = torch.where(finite.view(shape), grad, torch.zeros_like(grad))
+    if estimate is not None:
+        ok = finite & torch.isfinite(estimate.reshape(B, -1)).all(dim=1)
+        y0 = torch.where(ok.view(shape), estimate, y0)
+    return y0
+
+
 def _phantom(f: Callable[..., torch.Tensor], z: torch.Tensor, inputs: tuple, steps: int,
              damping: float, fz: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``steps`` damped steps ``z <- (1 - damping) z + damping f(z)`` with ordinary backprop
@@ -304,6 +357,62 @@ def _phantom(f: Callable[..., torch.Tensor], z: torch.Tensor, inputs: tuple, ste
         fz_i = fz if i == 0 and fz is not None else f(z, *inputs)
         z = (1 - damping) * z + damping * fz_i
     return z
+
+
+def _solve_adjoint(adjoint: AdjointMap, y0: torch.Tensor, samples: Optional[torch.Tensor],
+                   method: str, options: dict[str, Any]) -> SolverResult:
+    """The adjoint solve from ``y0``, on every sample (``samples`` None) or on ``samples`` only
+    (``y0`` holding their rows): their graph is re-recorded first when they are few enough."""
+    fn: Callable[..., torch.Tensor] = adjoint
+    if samples is not None:
+        if options["compact"]:
+            adjoint.on_compact(samples)
+        fn = SampleSubset(adjoint, samples)
+    # The solver gathers the sample indices with the rows it hands the adjoint map.
+    with _reusable_backward():  # f's compiled backward may be built lazily, here
+        return solve(fn, y0, method=method,
+                     inputs=(adjoint.all_rows if samples is None else samples,), **options)
+
+
+def _shine_backward(adjoint: AdjointMap, grad: torch.Tensor, estimate: torch.Tensor,
+                    pairs: ForwardPairs, shine_tol: float, *, warm: bool, method: str,
+                    options: dict[str, Any]) -> tuple[torch.Tensor, SolverStats]:
+    """``grad_mode='shine'``: the SHINE estimate, checked with one VJP (unless ``shine_tol`` is
+    infinite), and the exact adjoint solve on the samples that fall back (one device read)."""
+    B = grad.shape[0]
+    code = fallback_codes(pairs, grad, estimate)
+    # Zeroed where not finite: an f that mixes samples would spread it through the check's VJP.
+    y = torch.where((code == ShineFallback.NON_FINITE).view(B, *[1] * (grad.dim() - 1)),
+                    torch.zeros_like(estimate), estimate)
+    rdt = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    abs_res = torch.full((B,), math.nan, dtype=rdt, device=grad.device)
+    rel_res = abs_res.clone()
+    nfev = torch.zeros(B, dtype=torch.int64, device=grad.device)
+    estimate_rel: Optional[torch.Tensor] = None
+    if math.isfinite(shine_tol):
+        with _reusable_backward():
+            fy = adjoint(y)
+        a, r = residuals(y, fy)
+        abs_res, rel_res = a.to(rdt), r.to(rdt)
+        estimate_rel = rel_res.clone()
+        code = accept(code, r, shine_tol)
+        nfev += 1
+    nstep = torch.zeros_like(nfev)
+    status = torch.full_like(nfev, int(Status.CONVERGED))
+    samples = torch.nonzero(code != ShineFallback.NONE).flatten()
+    if samples.numel():
+        y0 = _adjoint_start(grad.index_select(0, samples),
+                            estimate.index_select(0, samples) if warm else None)
+        out = _solve_adjoint(adjoint, y0, None if samples.numel() == B else samples, method,
+                             options)
+        y = y.index_copy(0, samples, out.z)
+        nstep.index_copy_(0, samples, out.nstep)
+        nfev.index_add_(0, samples, out.nfev)
+        status.index_copy_(0, samples, out.status)
+        abs_res.index_copy_(0, samples, out.abs_residual.to(rdt))
+        rel_res.index_copy_(0, samples, out.rel_residual.to(rdt))
+    return y, SolverStats(nstep, nfev, abs_res, rel_res, status, fallback=code,
+                          estimate_rel_residual=estimate_rel)
 
 
 @torch.compiler.disable  # one deliberate graph break: the solves' loops depend on the data
@@ -332,10 +441,25 @@ def deq_fixed_point(
             structure, and so does the result (:mod:`deq_ext.states`).
         inputs: tensors batched on dim 0 (size B), or non-tensors passed as is.
         forward, backward: :class:`SolverSettings` (or a dict of its fields and
-            solver options) of the fixed-point solve and of the adjoint solve.
-        grad_mode: ``'implicit'`` (exact, Theorem 1) or ``'phantom'`` (backprop
+            solver options) of the fixed-point solve and of the adjoint solve. Besides the
+            solver's options, the backward settings take ``init``: ``'grad'`` (default: the
+            adjoint solve starts from dL/dz*) or ``'shine'`` (it starts from the forward
+            Broyden estimate ``-H^T dL/dz*``, :mod:`deq_ext.shine`: the same gradient to the
+            backward tolerance; whether it saves VJPs depends on the model, and on the
+            workloads of docs/backward.md it did not), and ``shine_tol`` (see ``'shine'``).
+        grad_mode: ``'implicit'`` (exact, Theorem 1), ``'phantom'`` (backprop
             through ``phantom_steps`` damped steps from z*; 1 step and damping 1
-            is the one-step / Jacobian-free gradient).
+            is the one-step / Jacobian-free gradient) or ``'shine'`` (the forward Broyden
+            estimate ``-H^T dL/dz*`` as the adjoint solution, no adjoint solve; inexact). With
+            ``'shine'`` one VJP checks every sample's estimate: a sample whose forward solve did
+            not converge, that has no stored pair, whose estimate is not finite, or whose
+            estimate's adjoint relative residual is above the backward option ``shine_tol``
+            (default 0.1; ``math.inf`` skips the check and its VJP) takes the exact adjoint
+            solve instead (started as ``init`` says); ``stats['backward'].fallback`` gives the
+            reason per sample (:class:`~deq_ext.shine.ShineFallback`). ``'shine'`` and
+            ``init='shine'`` need a Broyden forward solve (ValueError otherwise) and keep its
+            pairs U, V (2 x B x pairs x D values in the history dtype) alive until backward;
+            the other modes keep none of the forward's state.
         compact: in the forward solve, evaluate f only on the active samples, in
             power-of-two buckets (``"auto"``, the default: where it pays on the device, see
             :func:`deq_ext.broyden`; True: always). Set False for an f that mixes samples
@@ -376,8 +500,7 @@ def deq_fixed_point(
     """
     fwd = _settings(forward, DEFAULT_FORWARD)
     bwd = _settings(backward, DEFAULT_BACKWARD)
-    if grad_mode not in ("implicit", "phantom"):
-        raise ValueError(f"grad_mode must be 'implicit' or 'phantom', got {grad_mode!r}")
+    _check_backward_modes(grad_mode, fwd, bwd)
     if (grad_mode == "phantom" or n_states is not None) and (
             phantom_steps < 1 or not 0 < phantom_damping <= 1):
         raise ValueError("phantom gradients need phantom_steps >= 1 and 0 < phantom_damping <= 1")
@@ -394,7 +517,7 @@ def deq_fixed_point(
     fwd_compact = fwd.options.get("compact", compact)
     bwd_compact = bwd.options.get("compact", bool(fwd_compact))
     check_compactable(f, _may_compact(fwd_compact, bool(inputs)),
-                      torch.is_grad_enabled() and grad_mode == "implicit"
+                      torch.is_grad_enabled() and grad_mode != "phantom"
                       and _may_compact(bwd_compact, True))
     options: dict[str, Any] = dict(
         grad_mode=grad_mode, phantom_steps=phantom_steps, phantom_damping=phantom_damping,
@@ -423,12 +546,17 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     kwargs = {"compact": compact, **fwd.solver_kwargs()}
     if steps:
         kwargs["record"] = steps
+    # Only the SHINE modes keep the forward's pairs until backward (their bytes).
+    keep_pairs = torch.is_grad_enabled() and _check_backward_modes(grad_mode, fwd, bwd)
+    if keep_pairs:
+        kwargs["return_state"] = True
     # Under autocast every call of f (solves, z*, re-recordings) runs under the caller's setting
     # and returns z0's dtype; the solvers' own arithmetic runs with autocast off.
     autocast = AutocastState.now(z0.device)
     f = autocast.wrap(f, z0.dtype)
     with autocast.off():
         res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
+    pairs = ForwardPairs.of(res) if keep_pairs else None
     if stats is not None:
         stats["forward"] = SolverStats.of(res)
     z_star = res.z
@@ -453,7 +581,7 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     states = [_phantom(f, z.detach(), inputs, phantom_steps, phantom_damping) for z in earlier]
 
     fz: Optional[torch.Tensor] = None
-    if grad_mode == "implicit" or jac_reg_samples or spectral_radius_steps:
+    if grad_mode != "phantom" or jac_reg_samples or spectral_radius_steps:
         z_leaf = z_star.detach().requires_grad_()
         with _reusable_backward():
             fz = f(z_leaf, *inputs)
@@ -477,6 +605,8 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         options = bwd.solver_kwargs()
         rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
+        init = options.pop("init", "grad")
+        shine_tol = options.pop("shine_tol", DEFAULT_SHINE_TOL)
         # An f that mixes samples (forward compact=False) cannot be re-recorded on fewer rows.
         options.setdefault("compact", kwargs["compact"])
         finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
@@ -488,26 +618,36 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
             options["stop_mode"] = "abs"
             grad, norm = _per_sample_normalized(grad, finite)
         adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)
-        # Start from dL/dz*, the first term of the Neumann series: from y = 0 a dL/dz* already
-        # below an absolute tolerance would end the solve at once with a zero gradient. Samples
-        # with non-finite entries start at 0 (the solver rejects a non-finite start) and are
-        # flagged by the solve.
-        y0 = torch.where(finite.view(-1, *[1] * (grad.dim() - 1)), grad, torch.zeros_like(grad))
-        # The solver gathers the sample indices with the rows it hands the adjoint map; its own
-        # arithmetic runs with autocast off even if backward() is called inside an autocast block.
-        with _reusable_backward(), AutocastState.now(grad.device).off():
-            out = solve(adjoint, y0, method=bwd.method, inputs=(adjoint.all_rows,), **options)
-        sync_free = not options.get("stop_early", True)
+        # -H^T is linear: the estimate of the normalized dL/dz* is the normalized estimate.
+        estimate = pairs.minus_h_transpose(grad) if pairs is not None else None
+        # The solver's own arithmetic runs with autocast off even if backward() is called
+        # inside an autocast block (the adjoint map re-records f under f's own setting).
+        with AutocastState.now(grad.device).off():
+            if grad_mode == "shine":
+                assert pairs is not None and estimate is not None
+                y, bstats = _shine_backward(adjoint, grad, estimate, pairs, shine_tol,
+                                            warm=init == "shine", method=bwd.method,
+                                            options=options)
+                sync_free = False
+            else:
+                # Cold: dL/dz*, the first term of the Neumann series (from y = 0 a dL/dz*
+                # already below an absolute tolerance would end the solve at once with a zero
+                # gradient). Warm: the forward's estimate of the solution, leaving a correction
+                # to find. Samples with non-finite entries start at 0 and are flagged.
+                y0 = _adjoint_start(grad, estimate if init == "shine" else None)
+                out = _solve_adjoint(adjoint, y0, None, bwd.method, options)
+                y, bstats = out.z, SolverStats.of(out)
+                sync_free = not options.get("stop_early", True)
         nonfinite = ~finite
+        bstats.vjp_rows, bstats.rerecord_rows = adjoint.vjp_rows, adjoint.rerecord_rows
+        bstats.nonfinite_grad = nonfinite
         if stats is not None:
-            stats["backward"] = SolverStats.of(out)
-            stats["backward"].check_backward_divergence = sync_free
-            stats["backward"].vjp_rows = adjoint.vjp_rows
-            stats["backward"].rerecord_rows = adjoint.rerecord_rows
-            stats["backward"].nonfinite_grad = nonfinite
+            bstats.check_backward_divergence = sync_free
+            stats["backward"] = bstats
         if not sync_free:
-            _warn_if_backward_diverged(out.status, nonfinite, stacklevel=3)
-        y = out.z if norm is None else _times_rows(out.z, norm)
+            _warn_if_backward_diverged(bstats.status, nonfinite, stacklevel=3)
+        if norm is not None:
+            y = _times_rows(y, norm)
         # A non-finite dL/dz* goes on as is (normalizing left those rows unchanged), as plain
         # autograd would pass it: the parameters' gradients show it, so a GradScaler skips the
         # step and lowers its scale.
@@ -528,7 +668,8 @@ class DEQ(nn.Module):
     grad enabled) compute the Jacobian regularizer, kept in :attr:`jac_loss` for the loss;
     ``spectral_radius_steps=n`` puts a spectral-radius estimate in
     ``forward_stats.spectral_radius``; ``n_states=k`` returns a list of k states (see
-    :func:`deq_fixed_point`). z may be a tuple, list or dict of tensors.
+    :func:`deq_fixed_point`). z may be a tuple, list or dict of tensors. ``grad_mode`` and the
+    backward option ``init`` choose the gradient (docs/backward.md compares them).
 
     Example:
         >>> cell = MyCell(d)                      # cell(z, x) -> z
@@ -549,6 +690,7 @@ class DEQ(nn.Module):
         self.f = f
         self.forward_settings = _settings(forward, DEFAULT_FORWARD)
         self.backward_settings = _settings(backward, DEFAULT_BACKWARD)
+        _check_backward_modes(grad_mode, self.forward_settings, self.backward_settings)
         self.grad_mode = grad_mode
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.compact = compact

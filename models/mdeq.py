@@ -200,7 +200,7 @@ class MDEQCore(nn.Module):
         self.modes = modes
         self.jac_reg_samples = jac_reg_samples
         # The DEQ layer owns the cell (its parameters are registered once, under deq.f).
-        self.deq = DEQ(cell, forward=modes.forward, backward=modes.backward,
+        self.deq = DEQ(cell, forward=modes.forward, backward=modes.adjoint_settings(),
                        grad_mode=modes.grad_mode, phantom_steps=modes.phantom_steps, **extra)
 
     @property
@@ -215,7 +215,7 @@ class MDEQCore(nn.Module):
         if modes.subseq_len is not None or modes.compile_cell is not None:
             raise ValueError("an MDEQ core takes neither subseq_len (sequences only) nor compile_cell")
         self.modes = modes
-        self.deq.backward_settings = modes.backward
+        self.deq.backward_settings = modes.adjoint_settings()
         self.deq.grad_mode, self.deq.phantom_steps = modes.grad_mode, modes.phantom_steps
 
     @property

@@ -29,6 +29,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from deq_ext import SolverSettings, SolverStats, deq_fixed_point
+from deq_ext.layer import GRAD_MODES
+from deq_ext.shine import BACKWARD_INITS
 
 from .regularization import Shared
 
@@ -53,7 +55,13 @@ class ModeConfig:
         forward, backward: deq_ext settings of the fixed-point solve and of the adjoint solve.
         eval_forward: forward settings in eval mode (the paper relaxes the tolerance at
             inference); None: same as ``forward``.
-        grad_mode, phantom_steps: passed to :func:`deq_ext.deq_fixed_point`.
+        grad_mode, phantom_steps: passed to :func:`deq_ext.deq_fixed_point`: ``'implicit'``
+            (exact), ``'shine'`` (the forward Broyden estimate, checked; the exact solve where it fails) or
+            ``'phantom'`` (backprop through ``phantom_steps`` steps of f from z*; 1: one-step).
+        backward_init: where the adjoint solve starts (the backward settings' option ``init``):
+            ``'grad'`` (dL/dz*) or ``'shine'`` (the forward Broyden estimate; same gradient, keeps
+            the forward's pairs until backward); None: as the backward settings say (``'grad'``
+            unless their options set it). docs/backward.md says which to use when.
         subseq_len: in ``deq`` mode, solve segments in chunks of this many positions (None: whole).
         subseq_history: what a chunk after the first sees as history: ``'previous'`` (only the
             chunk before it, as the authors' code does) or ``'all'`` (the memory and every
@@ -76,6 +84,7 @@ class ModeConfig:
     eval_forward: Optional[SolverSettings] = None
     grad_mode: str = "implicit"
     phantom_steps: int = 1
+    backward_init: Optional[str] = None
     subseq_len: Optional[int] = None
     subseq_history: str = "previous"
     compile_cell: Optional[dict] = None
@@ -91,6 +100,19 @@ class ModeConfig:
         if self.subseq_history not in SUBSEQ_HISTORIES:
             raise ValueError(f"subseq_history must be one of {SUBSEQ_HISTORIES}, "
                              f"got {self.subseq_history!r}")
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {self.grad_mode!r}")
+        if self.backward_init is not None and self.backward_init not in BACKWARD_INITS:
+            raise ValueError(f"backward_init must be None or one of {BACKWARD_INITS}, "
+                             f"got {self.backward_init!r}")
+        if self.phantom_steps < 1:
+            raise ValueError(f"phantom_steps must be >= 1, got {self.phantom_steps}")
+
+    def adjoint_settings(self) -> SolverSettings:
+        """The backward settings, with ``backward_init`` (when set) as their option ``init``."""
+        if self.backward_init is None:
+            return self.backward
+        return replace(self.backward, options={**self.backward.options, "init": self.backward_init})
 
     @property
     def depth(self) -> int:
@@ -250,7 +272,7 @@ class SequenceCore(nn.Module, ABC):
         self.solver_stats.append(stats)
         fwd = m.forward if self.training or m.eval_forward is None else m.eval_forward
         return deq_fixed_point(self.solver_cell(), z0, *inputs, forward=fwd,
-                               backward=m.backward, grad_mode=m.grad_mode,
+                               backward=m.adjoint_settings(), grad_mode=m.grad_mode,
                                phantom_steps=m.phantom_steps, stats=stats,
                                jac_reg_samples=m.jac_reg_samples if self.training else 0)
 

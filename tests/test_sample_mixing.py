@@ -87,6 +87,10 @@ def test_adjoint_compaction_is_covered_by_the_same_rule():
         DEQ(cell, forward=dict(compact=False), backward=dict(compact=True))(x)
     # An uncompacted forward makes the adjoint uncompacted by default.
     DEQ(cell, forward=dict(compact=False))(x).sum().backward()
+    # SHINE's fallback is an adjoint solve too; phantom gradients solve nothing backward.
+    with pytest.raises(ValueError, match="adjoint solve"):
+        DEQ(cell, forward=dict(compact=False), backward=dict(compact=True), grad_mode="shine")(x)
+    DEQ(cell, forward=dict(compact=False), backward=dict(compact=True), grad_mode="phantom")(x)
 
 
 @pytest.mark.parametrize("norm", [nn.GroupNorm(2, 8), nn.LayerNorm(8), nn.Dropout(0.0),

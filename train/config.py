@@ -13,6 +13,9 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence, TypeVar, get_type_hints
 
+from deq_ext.layer import GRAD_MODES
+from deq_ext.shine import BACKWARD_INITS
+
 C = TypeVar("C", bound="TrainConfig")
 
 
@@ -44,6 +47,16 @@ class TrainConfig:
         pretrain_steps: the first steps run the shallow ``pretrain`` mode (paper, Appendix E),
             then the model switches to ``mode``.
         mode: ``deq`` or ``unrolled`` after the pretrain steps.
+        grad_mode: the DEQ's gradient: ``implicit`` (exact: the adjoint solve), ``shine`` (the
+            forward Broyden estimate of the adjoint solution, checked with one VJP, the exact solve where
+            the check fails; inexact) or
+            ``phantom`` (backprop through ``phantom_steps`` steps of f from z*; 1: one-step).
+            None: the model's own setting (implicit unless its preset says otherwise).
+        backward_init: where the exact adjoint solve starts: ``grad`` (dL/dz*) or ``shine``
+            (the forward Broyden estimate; same gradient, keeps the forward's pairs until
+            backward). None: the model's own setting (grad). docs/backward.md compares them.
+        phantom_steps: steps of f the ``phantom`` gradient backpropagates through (None: the
+            model's own setting, 1).
         eval_every: evaluate every this many steps (and at the end); 0: only at the end.
         log_every: steps between metrics lines (and progress lines when stdout is not a terminal).
         out_dir: where ``metrics.jsonl`` and checkpoints go (None: no files).
@@ -75,6 +88,9 @@ class TrainConfig:
     clip: float = 1.0
     pretrain_steps: int = 0
     mode: str = "deq"
+    grad_mode: Optional[str] = None
+    backward_init: Optional[str] = None
+    phantom_steps: Optional[int] = None
     eval_every: int = 0
     log_every: int = 20
     out_dir: Optional[str] = None
@@ -106,6 +122,20 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.plateau_patience < 0:
             raise ValueError(f"plateau_patience must be >= 0, got {self.plateau_patience}")
+        if self.grad_mode is not None and self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {', '.join(GRAD_MODES)}, "
+                             f"got {self.grad_mode!r}")
+        if self.backward_init is not None and self.backward_init not in BACKWARD_INITS:
+            raise ValueError(f"backward_init must be one of {', '.join(BACKWARD_INITS)}, "
+                             f"got {self.backward_init!r}")
+        if self.phantom_steps is not None and self.phantom_steps < 1:
+            raise ValueError(f"phantom_steps must be >= 1, got {self.phantom_steps}")
+
+    def gradient_changes(self) -> dict[str, Any]:
+        """The :class:`models.ModeConfig` fields the run sets (``grad_mode``, ``backward_init``,
+        ``phantom_steps``; those left None keep the model's own)."""
+        names = ("grad_mode", "backward_init", "phantom_steps")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
     @property

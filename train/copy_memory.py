@@ -114,7 +114,7 @@ class CopyModel(nn.Module):
             backward=SolverSettings(max_iter=cfg.bwd_iter, tol=cfg.bwd_tol, stop_mode="rel"),
             eval_forward=SolverSettings(max_iter=cfg.fwd_iter, tol=cfg.eval_tol,
                                         stop_mode="rel"),
-            jac_reg_samples=cfg.jac_reg_samples)
+            jac_reg_samples=cfg.jac_reg_samples, **cfg.gradient_changes())
         if cfg.model == "transformer":
             core_cfg: Any = TransformerConfig(d_model=cfg.d_model, n_head=cfg.n_head,
                                               d_head=cfg.d_head, d_inner=cfg.d_inner,

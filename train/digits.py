@@ -111,7 +111,8 @@ def build_model(cfg: DigitsConfig) -> MDEQClassifier:
                        unrolled_depth=cfg.unrolled_depth,
                        forward=settings(cfg.fwd_iter, cfg.fwd_tol),
                        backward=settings(cfg.bwd_iter, cfg.bwd_tol),
-                       eval_forward=settings(cfg.fwd_iter, cfg.eval_tol))
+                       eval_forward=settings(cfg.fwd_iter, cfg.eval_tol),
+                       **cfg.gradient_changes())
     mdeq = MDEQConfig(channels=channels, groups=cfg.groups, in_channels=1, image_size=IMAGE_SIZE,
                       n_classes=N_CLASSES)
     return MDEQClassifier(mdeq, modes, cfg.jac_reg_samples if cfg.jac_reg_weight > 0 else 0)
@@ -157,6 +158,8 @@ class DigitsTask(Task):
                     summary = stats[key].summary()
                     record[f"{key}_steps"] = summary["nstep"]
                     record[f"{key}_rel_residual"] = summary["rel_residual"]
+                    if "shine_fallback" in summary:  # grad_mode shine: samples solved exactly
+                        record["backward_shine_fallback"] = summary["shine_fallback"]
         self.train_solves.append(record)
 
     def train_loss(self, model: nn.Module, step: int, rank: int, world: int) -> torch.Tensor:

@@ -142,6 +142,9 @@ def model_config(cfg: LMRunConfig, vocab: int) -> LMConfig:
         model_cfg = apply_overrides(model_cfg, cfg.model or {})
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
+    changes = cfg.gradient_changes()
+    if changes:  # --grad-mode and friends win over the preset and --model.modes.*
+        model_cfg = replace(model_cfg, modes=replace(model_cfg.modes, **changes))
     return replace(model_cfg, vocab_size=vocab,
                    cutoffs=tuple(c for c in model_cfg.cutoffs if c < vocab))
 
