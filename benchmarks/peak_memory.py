@@ -34,7 +34,8 @@ class PeakTracker(TorchDispatchMode):
 
     ``label(tensor)``, if given, names what a new storage is (or None); :attr:`peak_labelled`
     then holds, per label, the bytes of the live storages so labelled at the peak (e.g. how much
-    of the peak is a solver's history).
+    of the peak is a solver's history), and :attr:`label_peaks` the most each label held live
+    at any one time.
     """
 
     def __init__(self, label: Optional[Callable[[torch.Tensor], Optional[str]]] = None) -> None:
@@ -45,6 +46,7 @@ class PeakTracker(TorchDispatchMode):
         self._label = label
         self._labelled: dict[str, int] = {}
         self.peak_labelled: dict[str, int] = {}
+        self.label_peaks: dict[str, int] = {}
 
     def _prune(self) -> None:
         dead = [k for k, (ref, _, _) in self._live.items() if ref.expired()]
@@ -72,6 +74,8 @@ class PeakTracker(TorchDispatchMode):
             self.current += st.nbytes()
             if name is not None:
                 self._labelled[name] = self._labelled.get(name, 0) + st.nbytes()
+                self.label_peaks[name] = max(self.label_peaks.get(name, 0),
+                                             self._labelled[name])
         if self.current > self.peak:
             self.peak = self.current
             self.peak_labelled = dict(self._labelled)
