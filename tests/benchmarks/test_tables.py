@@ -107,8 +107,13 @@ def test_memory_table_runs_and_is_consistent(memory_results):
         # its solves run to the limit), and the history is part of it.
         assert deq["peak_bytes"] >= model["solver_workspace"]["peak_bytes"]
         assert 0 < deq["history_bytes"] <= deq["peak_bytes"]
-        # A solve that stops after fewer steps than its ring holds fewer chunks.
-        assert converged["history_bytes"] < deq["history_bytes"]
+        # A solve that stops earlier holds no more chunks (fewer where its steps end in an
+        # earlier chunk than the ring's last).
+        assert converged["history_bytes"] <= deq["history_bytes"]
+        steps = res["sizes"]["converged_steps"]
+        assert converged["solves"]["forward_nstep"]["max"] == steps[0]
+        assert converged["solves"]["backward_nstep"]["max"] <= steps[1]
+        assert deq["solves"]["forward_nstep"]["min"] > steps[0]
         assert converged["peak_bytes"] <= deq["peak_bytes"]
         for r in (deq, converged):
             assert r["history_share"] == pytest.approx(r["history_bytes"] / r["peak_bytes"])
