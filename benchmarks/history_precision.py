@@ -48,7 +48,16 @@ from deq_ext.bench import build_parser as bench_parser
 
 from .history_size import MDEQ_F, hard_mdeq, steps_lines
 
+# None: the state dtype (a wide history), spelled out for each solve (:func:`history_of`):
+# Broyden's own default under a float32 state is bfloat16.
 HISTORIES = {"state": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def history_of(hist: Optional[torch.dtype], z0: torch.Tensor) -> torch.dtype:
+    """The history dtype a row asks for: ``hist``, or the state dtype of a solve of ``z0``."""
+    if hist is not None:
+        return hist
+    return torch.float64 if z0.dtype == torch.float64 else torch.float32
 Solve = Callable[[Optional[torch.dtype]], deq_ext.SolverResult]
 
 
@@ -84,7 +93,7 @@ def problem_case(kind: str, device: str, quick: bool) -> dict[str, Any]:
     def solve(hist: Optional[torch.dtype]) -> deq_ext.SolverResult:
         return deq_ext.broyden(problem.f, problem.z0, inputs=(problem.x, problem.rho),
                                max_iter=cfg.max_iter, tol=cfg.tol, stop_mode="abs",
-                               history_dtype=hist)
+                               history_dtype=history_of(hist, problem.z0))
 
     info = {"problem": problem.describe(), "state_dtype": str(cfg.torch_dtype), "dim": cfg.dim,
             "max_iter": cfg.max_iter}
@@ -103,7 +112,7 @@ def mdeq_case(quick: bool, max_iter: int = 100, tol: float = 1e-11) -> dict[str,
 
         def solve(hist: Optional[torch.dtype]) -> deq_ext.SolverResult:
             res = deq_ext.broyden(model.core.cell, z0, inputs=(inj,), max_iter=max_iter,
-                                  tol=tol, stop_mode="rel", history_dtype=hist)
+                                  tol=tol, stop_mode="rel", history_dtype=history_of(hist, z0))
             last["res"] = res
             return res
 
@@ -127,7 +136,8 @@ def copy_memory_case(run_dir: str, quick: bool, batch: int) -> dict[str, Any]:
         def solve(hist: Optional[torch.dtype]) -> deq_ext.SolverResult:
             res = deq_ext.broyden(core.cell, z0, inputs=tuple(inputs),
                                   max_iter=settings.max_iter, tol=settings.tol,
-                                  stop_mode=settings.stop_mode, history_dtype=hist)
+                                  stop_mode=settings.stop_mode,
+                                  history_dtype=history_of(hist, z0))
             last["res"] = res
             return res
 
@@ -151,7 +161,8 @@ def timing(device: str, quick: bool, rounds: int) -> dict[str, Any]:
             sync(dev)
             t0 = time.perf_counter()
             deq_ext.broyden(problem.f, problem.z0, inputs=(problem.x, problem.rho),
-                            max_iter=cfg.max_iter, tol=cfg.tol, history_dtype=hist)
+                            max_iter=cfg.max_iter, tol=cfg.tol,
+                            history_dtype=history_of(hist, problem.z0))
             sync(dev)
             solves[name].append(time.perf_counter() - t0)
         progress(f"round {r + 1}/{rounds}: passes " + ", ".join(

@@ -14,7 +14,7 @@ is a lower bound of the process's peak, exact for everything a Python user can h
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -31,18 +31,30 @@ class PeakTracker(TorchDispatchMode):
 
     An operator's output that shares a storage with one of its inputs (a view, an in-place or
     ``out=`` operator) allocated nothing and is not counted again.
+
+    ``label(tensor)``, if given, names what a new storage is (or None); :attr:`peak_labelled`
+    then holds, per label, the bytes of the live storages so labelled at the peak (e.g. how much
+    of the peak is a solver's history), and :attr:`label_peaks` the most each label held live
+    at any one time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: Optional[Callable[[torch.Tensor], Optional[str]]] = None) -> None:
         super().__init__()
-        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._live: dict[int, tuple[StorageWeakRef, int, Optional[str]]] = {}
         self.current = 0
         self.peak = 0
+        self._label = label
+        self._labelled: dict[str, int] = {}
+        self.peak_labelled: dict[str, int] = {}
+        self.label_peaks: dict[str, int] = {}
 
     def _prune(self) -> None:
-        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
+        dead = [k for k, (ref, _, _) in self._live.items() if ref.expired()]
         for k in dead:
-            self.current -= self._live.pop(k)[1]
+            _, nbytes, name = self._live.pop(k)
+            self.current -= nbytes
+            if name is not None:
+                self._labelled[name] -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: Any = None) -> Any:
@@ -57,9 +69,16 @@ class PeakTracker(TorchDispatchMode):
             if key in inputs or key in self._live:
                 continue
             st = t.untyped_storage()
-            self._live[key] = (StorageWeakRef(st), st.nbytes())
+            name = self._label(t) if self._label is not None else None
+            self._live[key] = (StorageWeakRef(st), st.nbytes(), name)
             self.current += st.nbytes()
-        self.peak = max(self.peak, self.current)
+            if name is not None:
+                self._labelled[name] = self._labelled.get(name, 0) + st.nbytes()
+                self.label_peaks[name] = max(self.label_peaks.get(name, 0),
+                                             self._labelled[name])
+        if self.current > self.peak:
+            self.peak = self.current
+            self.peak_labelled = dict(self._labelled)
         return out
 
 

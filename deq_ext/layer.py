@@ -60,6 +60,13 @@ class SolverSettings:
     the sample's ``||dL/dz*||`` (the solve runs on ``dL/dz*`` divided by that norm and its
     result is multiplied back), so the stop and the gradient do not depend on how the loss
     is scaled (a GradScaler's factor, a sum or a mean over the batch).
+
+    ``memory``: Broyden's history, in pairs. None (default): in the DEQ layer a ring of
+    :data:`DEFAULT_MEMORY` pairs (16 forward, 8 backward) that restarts when full (the
+    solver's ``restart=True``), stored in bfloat16 under a float32 state: the peak memory of a
+    training step is then bounded whatever ``max_iter`` is (docs/design.md, "Memory"). A number
+    keeps that many pairs, replacing the oldest once full unless ``options`` say
+    ``restart=True``; ``memory=max_iter`` keeps every pair of the solve.
     """
 
     method: str = "broyden"
@@ -78,6 +85,21 @@ class SolverSettings:
         kw.update(self.options)
         return kw
 
+    def resolved(self, direction: str) -> "SolverSettings":
+        """These settings as the DEQ layer runs the ``direction`` (``"forward"`` or
+        ``"backward"``) solve: a Broyden solve with ``memory=None`` gets the layer's
+        bounded, restarting ring (:data:`DEFAULT_MEMORY`)."""
+        if self.memory is not None or self.method != "broyden":
+            return self
+        memory = min(DEFAULT_MEMORY[direction], self.max_iter)
+        return replace(self, memory=memory, options={"restart": True, **self.options})
+
+
+# Broyden pairs the layer keeps by default (SolverSettings.memory=None), per solve; a full ring
+# restarts. Measured on the trained models of this repository (python -m benchmarks.history_size:
+# steps, converged samples and gradient error per ring size) and sized so that a step whose
+# solves run to their limit stays within the memory table's targets (docs/design.md, "Memory").
+DEFAULT_MEMORY = {"forward": 16, "backward": 8}
 
 DEFAULT_FORWARD = SolverSettings(max_iter=40, tol=1e-3)
 # Relative to ||dL/dz*|| per sample: invariant to the loss scale (GradScaler, mean vs sum).
@@ -543,7 +565,7 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     _check_inputs(z0, inputs)
     steps = state_steps(n_states, fwd.max_iter)[:-1] if n_states is not None else []
     # A ``compact`` in the forward settings' options is the more specific choice: it wins.
-    kwargs = {"compact": compact, **fwd.solver_kwargs()}
+    kwargs = {"compact": compact, **fwd.resolved("forward").solver_kwargs()}
     if steps:
         kwargs["record"] = steps
     # Only the SHINE modes keep the forward's pairs until backward (their bytes).
@@ -603,7 +625,7 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     autocast = autocast_state(z_leaf.device)  # as f was recorded: to re-record it the same way
 
     def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        options = bwd.solver_kwargs()
+        options = bwd.resolved("backward").solver_kwargs()
         rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
         init = options.pop("init", "grad")
         shine_tol = options.pop("shine_tol", DEFAULT_SHINE_TOL)

@@ -192,11 +192,12 @@ def test_broyden_workspace_counts_the_state_a_solve_allocates():
     z0 = torch.empty(4, 3, 5, device="meta")
     ws = deq_ext.solvers.broyden_workspace(z0, max_iter=7)
     assert (ws["B"], ws["D"]) == (4, 15)
-    assert ws["history"] == 2 * 4 * 7 * 15 * 4  # U and V, (B, m, D) float32, m = max_iter
-    assert ws["history_chunk"] == 2 * 4 * 7 * 15 * 4  # m = 7 fits in one chunk of 8
+    # U and V, (B, m, D) bfloat16 (the default under float32), m = max_iter
+    assert ws["history"] == 2 * 4 * 7 * 15 * 2
+    assert ws["history_chunk"] == 2 * 4 * 7 * 15 * 2  # m = 7 fits in one chunk of 8
     assert ws["total"] > ws["history"]
     more = deq_ext.solvers.broyden_workspace(z0, max_iter=7, memory=3)
-    assert ws["history"] - more["history"] == 2 * 4 * 4 * 15 * 4
+    assert ws["history"] - more["history"] == 2 * 4 * 4 * 15 * 2
     # proj (B, 3, m) and the kernels' partial sums (3m + 2 per sample and CUDA block)
     assert ws["total"] - more["total"] == ws["history"] - more["history"] + 4 * 3 * 4 * 4 \
         + 4 * 3 * 4 * 8

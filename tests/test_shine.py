@@ -272,7 +272,9 @@ def test_only_the_shine_modes_keep_the_forward_pairs_alive_until_backward():
     x = torch.randn(B, d, dtype=F64, requires_grad=True)
 
     def kept(max_iter: int, **layer) -> int:
-        deq = DEQ(cell, forward=dict(max_iter=max_iter, tol=1e-300, stall_patience=0), **layer)
+        # memory=max_iter: every pair of the solve (the layer's default ring keeps 16).
+        deq = DEQ(cell, forward=dict(max_iter=max_iter, tol=1e-300, stall_patience=0,
+                                     memory=max_iter), **layer)
         return bytes_kept_for_backward(deq(x), cell.parameters())
 
     default = kept(30)

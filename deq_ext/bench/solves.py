@@ -35,7 +35,12 @@ Runner = Callable[[Problem, Config, TimedF], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _method_options(cfg: Config) -> dict[str, Any]:
-    return {} if cfg.method == "fixed_point" else {"memory": cfg.memory}
+    if cfg.method == "fixed_point":
+        return {}
+    # A history of the state dtype, as torchdeq's: the rows compare the solvers, and the bytes
+    # of the passes (passes_bytes) count the history at that width. (Broyden's own default
+    # under a float32 state is bfloat16; benchmarks.history_precision measures what it saves.)
+    return {"memory": cfg.memory, "history_dtype": cfg.torch_dtype}
 
 
 def _run_deq_ext(use_reference: bool, compact: bool, **extra: Any) -> Runner:

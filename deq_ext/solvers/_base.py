@@ -74,13 +74,20 @@ def validate_positive_int(name: str, value) -> None:
 NARROW_HISTORY = (torch.float16, torch.bfloat16)
 
 
-def validate_history_dtype(history_dtype) -> None:
-    """None (the state dtype) or a half-precision dtype for the method's (B, m, D) history."""
+def state_dtype_of(z0: torch.Tensor) -> torch.dtype:
+    """The dtype a solve of ``z0`` keeps its state in: float64 for float64, else float32."""
+    return torch.float64 if z0.dtype == torch.float64 else torch.float32
+
+
+def validate_history_dtype(history_dtype, state_dtype: torch.dtype) -> None:
+    """None (the method's default), a half-precision dtype, or the state dtype itself (a wide
+    history) for the method's ring buffers; TypeError/ValueError otherwise."""
     if history_dtype is not None and not isinstance(history_dtype, torch.dtype):
         raise TypeError(f"history_dtype must be a torch.dtype or None, got {history_dtype!r}")
-    if history_dtype is not None and history_dtype not in NARROW_HISTORY:
-        raise ValueError(f"history_dtype must be torch.bfloat16, torch.float16 or None (the "
-                         f"state dtype), got {history_dtype}")
+    if history_dtype is not None and history_dtype not in NARROW_HISTORY + (state_dtype,):
+        raise ValueError(f"history_dtype must be torch.bfloat16, torch.float16, the state dtype "
+                         f"{state_dtype} (a wide history) or None (the default), got "
+                         f"{history_dtype}")
 
 
 def validate_positive(name: str, value, upper: Optional[float] = None) -> None:

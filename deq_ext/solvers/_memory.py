@@ -24,8 +24,9 @@ class WorkspaceError(MemoryError):
 
 _cpu_budget: Optional[int] = None
 
-SHRINK_HINTS = ("a smaller memory= (history ring length m)", "history_dtype=torch.bfloat16 "
-                "(half the history's bytes)", "a smaller max_iter", "a smaller batch")
+SHRINK_HINTS = ("a smaller memory= (history ring length m; Broyden's restart=True keeps a short "
+                "ring converging)", "history_dtype=torch.bfloat16 where the history is wide "
+                "(half its bytes)", "a smaller max_iter", "a smaller batch")
 
 
 def set_cpu_workspace_budget(nbytes: Optional[int]) -> None:

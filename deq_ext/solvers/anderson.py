@@ -24,6 +24,7 @@ from ._base import (
     MaskedSolve,
     SolveOptions,
     run_solve,
+    state_dtype_of,
     validate_history_dtype,
     validate_positive,
     validate_positive_int,
@@ -104,7 +105,8 @@ def anderson(
             :func:`deq_ext.broyden`'s option: the Gram matrix is of the stored rows and the
             passes accumulate in float64). X holds the iterates themselves, so the reachable
             relative residual stops near the dtype's precision (measured: about 1e-3 with
-            bfloat16, 1.5e-4 with float16): for loose tolerances only.
+            bfloat16, 1.5e-4 with float16): for loose tolerances only, and so the default
+            (None) is the state dtype, unlike Broyden's.
 
     Returns:
         A :class:`~deq_ext.result.SolverResult` whose ``fallbacks`` counts, per
@@ -117,6 +119,6 @@ def anderson(
     validate_positive("beta", beta, upper=1.0)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    validate_history_dtype(history_dtype)
+    validate_history_dtype(history_dtype, state_dtype_of(z0))
     return run_solve(_AndersonSolve, f, z0, opts, memory=memory, beta=beta, lam=lam,
                      history_dtype=history_dtype)

@@ -23,6 +23,7 @@ from ._base import (
     MaskedSolve,
     SolveOptions,
     run_solve,
+    state_dtype_of,
     validate_history_dtype,
     validate_positive_int,
     workspace_bytes,
@@ -31,20 +32,36 @@ from ._buckets import Bucket
 from ._history import History
 
 
+def default_history_dtype(state_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Broyden's history dtype when none is given, per device and state dtype: bfloat16 under a
+    float32 state on every device, the state dtype (float64) under a float64 one.
+
+    The passes accumulate in float64 and only the stored pairs are rounded, on the CPU and on
+    CUDA alike, so the steps to tolerance are a property of the arithmetic, not of the device:
+    ``python -m benchmarks.history_precision`` measured the same steps and the same converged
+    samples with a bfloat16 and a float32 history on every float32 problem (and on the trained
+    models' forward and adjoint solves, ``python -m benchmarks.history_size``), at half the bytes
+    of the largest buffer. float64 solves are asked for tight tolerances: they stay wide. float16
+    is never the default (its range fails where the pairs shrink; on the CPU it is 4x slower).
+    """
+    del device  # one choice for every device (see above)
+    return torch.bfloat16 if state_dtype == torch.float32 else state_dtype
+
+
 class _BroydenSolve(MaskedSolve):
     """Broyden state: a ring of m rank-1 pairs (U, V) of H = -I + U V^T, grown in chunks."""
 
     state_vectors = MaskedSolve.state_vectors + 1  # dz
 
     def __init__(self, f: Func, z0: torch.Tensor, opts: SolveOptions, *, memory: int,
-                 line_search: bool, ls_max_iter: int,
-                 history_dtype: Optional[torch.dtype]) -> None:
+                 line_search: bool, ls_max_iter: int, history_dtype: torch.dtype,
+                 restart: bool) -> None:
         self.m = memory
         super().__init__(f, z0, opts)
         self.line_search, self.ls_max_iter = line_search, ls_max_iter
+        self.restart = restart
         self.dz = self.zeros(self.D)
-        self.history = History(("U", "V"), self.B, self.D, memory,
-                               history_dtype or self.state_dtype, self.device)
+        self.history = History(("U", "V"), self.B, self.D, memory, history_dtype, self.device)
         self.proj, self.scal = self.zeros(3, memory), self.zeros(NUM_SCALARS)
         self.npairs = self.full(0, torch.int64)
 
@@ -61,6 +78,11 @@ class _BroydenSolve(MaskedSolve):
     def step(self) -> None:
         """One Broyden update of the inverse Jacobian and one move of z, active samples only."""
         U, V = self.history["U"], self.history["V"]
+        if self.restart:
+            # A full ring starts over: its m pairs are dropped, H is -I again, and this step
+            # stores the newest secant pair in slot 0 (restarted Broyden). In place, allocating
+            # nothing; a finished sample's count changes nothing it returns.
+            self.npairs.remainder_(self.m)
         self.ops.broyden_reduce(U, V, self.dz, self.dg, self.g, self.status, self.npairs,
                                 self.proj, self.scal, self.partials, self.tickets, self.m)
         self.ops.broyden_expand_(U, V, self.dz, self.dg, self.g, self.z, self.proj, self.scal,
@@ -131,13 +153,14 @@ def broyden(
     line_search: bool = False,
     ls_max_iter: int = 4,
     history_dtype: Optional[torch.dtype] = None,
+    restart: bool = False,
     **options: Any,
 ) -> SolverResult:
     """Solve ``z = f(z)`` for every sample of a batch with limited-memory Broyden.
 
     The options from ``inputs`` to ``record`` are those of every method
-    (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``line_search``,
-    ``ls_max_iter`` and ``history_dtype`` are Broyden's own.
+    (:class:`~deq_ext.solvers._base.SolveOptions`); ``memory``, ``restart``,
+    ``line_search``, ``ls_max_iter`` and ``history_dtype`` are Broyden's own.
 
     Args:
         f: ``f(z, *inputs)`` maps a tensor shaped like ``z0`` to one of the same
@@ -174,12 +197,24 @@ def broyden(
             steps holds about k pairs whatever m is. A smaller ring bounds the
             memory of long solves but can stall or diverge hard ones:
             ``python -m benchmarks.history_size`` measures it.
-        history_dtype: store the history U, V in ``torch.bfloat16`` or ``torch.float16``
-            instead of the state dtype (default): half the bytes of the largest buffer
-            and of the two passes over it, which are bandwidth-bound. The passes still
-            accumulate in float64; only the stored pairs are rounded, so the iteration
-            is an inexact Broyden (``python -m benchmarks.history_precision`` measures
-            the steps it costs). float16 overflows beyond 65504: prefer bfloat16.
+        restart: what a full ring does with the next pair. False (default): the newest
+            pair replaces the oldest. True: every pair is dropped and the iteration starts
+            over from H = -I with the newest secant pair (restarted Broyden), which keeps a
+            consistent approximation: with a ring shorter than the solve it needs fewer
+            steps, notably on the linear adjoint solve (``python -m
+            benchmarks.history_size``). ``npairs`` then counts the pairs since the last
+            restart. One more in-place op per iteration.
+        history_dtype: the dtype of the stored pairs U, V: ``torch.bfloat16`` (the
+            default under a float32 state, on every device), ``torch.float16``, or the
+            state dtype (float32 for float16/bfloat16/float32 iterates, float64; the
+            default under float64). A narrow history halves the bytes of the largest
+            buffer and of the two bandwidth-bound passes over it; the passes still
+            accumulate in float64 and only the stored pairs are rounded (an inexact
+            Broyden: ``python -m benchmarks.history_precision`` measured the same steps to
+            tolerance on every float32 problem). Widen it (``history_dtype=torch.float32``)
+            for float32 tolerances near bfloat16's precision over many steps, e.g. a
+            relative residual below about 1e-6. float16 overflows beyond 65504: prefer
+            bfloat16.
         per_sample: stop each sample as soon as it converges (default). With
             False every sample iterates until all have converged, as torchdeq does.
         return_final: return the last iterate instead of the lowest-residual one.
@@ -226,13 +261,14 @@ def broyden(
         >>> res = deq_ext.broyden(lambda z: z @ A + 1.0, torch.zeros(4, 3), tol=1e-8)
         >>> res.z  # every entry is 2.0
     """
-    opts, own = _checked(f, z0, memory, line_search, ls_max_iter, history_dtype, options)
+    opts, own = _checked(f, z0, memory, line_search, ls_max_iter, history_dtype, restart,
+                         options)
     return run_solve(_BroydenSolve, f, z0, opts, **own)
 
 
 def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
                       line_search: bool = False, ls_max_iter: int = 4,
-                      history_dtype: Optional[torch.dtype] = None,
+                      history_dtype: Optional[torch.dtype] = None, restart: bool = False,
                       **options: Any) -> dict[str, int]:
     """Bytes of the state ``broyden(f, z0, ...)`` allocates, without running it.
 
@@ -243,16 +279,21 @@ def broyden_workspace(z0: torch.Tensor, *, memory: Optional[int] = None,
     ``ceil(k / chunk) * history_chunk``), and the batch ``B`` and flattened size ``D``.
     """
     opts, own = _checked(lambda z, *inputs: z, z0, memory, line_search, ls_max_iter,
-                         history_dtype, options)
+                         history_dtype, restart, options)
     return workspace_bytes(_BroydenSolve, z0, opts, **own)
 
 
-def _checked(f, z0, memory, line_search, ls_max_iter, history_dtype,
+def _checked(f, z0, memory, line_search, ls_max_iter, history_dtype, restart,
              options) -> tuple[SolveOptions, dict]:
     opts = SolveOptions.of("broyden", f, z0, options)
     memory = opts.max_iter if memory is None else memory
     validate_positive_int("memory (history size m)", memory)
     validate_positive_int("ls_max_iter", ls_max_iter)
-    validate_history_dtype(history_dtype)
+    if not isinstance(restart, bool):
+        raise TypeError(f"restart must be True or False, got {restart!r}")
+    state_dtype = state_dtype_of(z0)
+    validate_history_dtype(history_dtype, state_dtype)
+    if history_dtype is None:
+        history_dtype = default_history_dtype(state_dtype, z0.device)
     return opts, dict(memory=memory, line_search=line_search, ls_max_iter=ls_max_iter,
-                      history_dtype=history_dtype)
+                      history_dtype=history_dtype, restart=restart)

@@ -16,7 +16,8 @@ import torch
 
 from benchmarks import memory_table, runtime_table
 from benchmarks import model_setup as ms
-from benchmarks.peak_memory import peak_bytes
+from benchmarks.peak_memory import PeakTracker, peak_bytes
+from deq_ext.layer import DEFAULT_MEMORY
 from models import get_preset
 from tests.models.helpers import saved_bytes as saved_bytes_by_pointer
 
@@ -75,7 +76,8 @@ def test_peak_tracker_counts_new_storages_once_and_frees_them():
 
 
 def test_peak_tracker_sees_the_solver_workspace():
-    """A DEQ step's peak holds Broyden's history: two (B, m, D) tensors at least."""
+    """A DEQ step's peak holds Broyden's history: U and V, (B, m, D) each (bfloat16 by
+    default), which the history label finds among the storages live at the peak."""
     import deq_ext
 
     B, D, m = 3, 50, 7
@@ -86,8 +88,10 @@ def test_peak_tracker_sees_the_solver_workspace():
     deq = deq_ext.DEQ(lambda z, x: torch.tanh(lin(z)) + x,
                       forward=dict(max_iter=20, memory=m, tol=1e-6),
                       backward=dict(max_iter=20, memory=m, tol=1e-6))
-    peak = peak_bytes(lambda: deq(x, z0=torch.zeros(B, D)).sum().backward())
-    assert peak >= 2 * B * m * D * 4
+    with PeakTracker(memory_table.history_label(B, D)) as tracker:
+        deq(x, z0=torch.zeros(B, D)).sum().backward()
+    assert tracker.peak >= 2 * B * m * D * 2 + 4 * B * D * 4
+    assert tracker.peak_labelled["history"] == 2 * B * m * D * 2
 
 
 def test_memory_table_runs_and_is_consistent(memory_results):
@@ -96,10 +100,23 @@ def test_memory_table_runs_and_is_consistent(memory_results):
     assert all(check["equal"] for check in res["meta_check"].values())
     for kind, model in res["models"].items():
         rows = model["rows"]
-        deq = rows[0]
-        assert deq["row"] == "deq" and deq["peak_bytes"] > 0
-        # The DEQ's peak holds at least its larger solve's workspace.
+        deq, converged = rows[0], rows[1]
+        assert deq["row"] == "deq" and converged["row"] == "deq_converged"
+        assert deq["peak_bytes"] > 0
+        # The DEQ's peak holds at least its larger solve's workspace (history as a full ring:
+        # its solves run to the limit), and the history is part of it.
         assert deq["peak_bytes"] >= model["solver_workspace"]["peak_bytes"]
+        assert 0 < deq["history_bytes"] <= deq["peak_bytes"]
+        # A solve that stops earlier holds no more chunks (fewer where its steps end in an
+        # earlier chunk than the ring's last).
+        assert converged["history_bytes"] <= deq["history_bytes"]
+        steps = res["sizes"]["converged_steps"]
+        assert converged["solves"]["forward_nstep"]["max"] == steps[0]
+        assert converged["solves"]["backward_nstep"]["max"] <= steps[1]
+        assert deq["solves"]["forward_nstep"]["min"] > steps[0]
+        assert converged["peak_bytes"] <= deq["peak_bytes"]
+        for r in (deq, converged):
+            assert r["history_share"] == pytest.approx(r["history_bytes"] / r["peak_bytes"])
         unrolled = {r["depth"]: r for r in rows if r["row"] == "unrolled"}
         ckpt = {r["depth"]: r for r in rows if r["row"] == "checkpointed"}
         assert unrolled.keys() == ckpt.keys() == set(res["sizes"]["depths"][kind])
@@ -111,12 +128,32 @@ def test_memory_table_runs_and_is_consistent(memory_results):
             assert ckpt[L]["peak_bytes"] <= unrolled[L]["peak_bytes"]
         for r in rows:
             assert r["deq_share"] == pytest.approx(deq["peak_bytes"] / r["peak_bytes"])
+            assert r["deq_converged_share"] == pytest.approx(
+                converged["peak_bytes"] / r["peak_bytes"])
             assert r["deq_share_saved"] == pytest.approx(deq["saved_bytes"] / r["saved_bytes"])
-        t = model["targets"]
         depth = res["sizes"]["target_depth"][kind]
-        assert t["depth"] == depth == memory_table.TARGET_DEPTH[kind]
-        assert t["share"] == pytest.approx(deq["peak_bytes"] / unrolled[depth]["peak_bytes"])
-        assert t["pass"] == (t["share"] <= memory_table.TARGET_SHARE)
+        assert depth == memory_table.TARGET_DEPTH[kind]
+        for name, limit in (("unrolled", memory_table.TARGET_SHARE),
+                            ("checkpointed", memory_table.TARGET_CHECKPOINTED)):
+            t, deep = model["targets"][name], (unrolled if name == "unrolled" else ckpt)[depth]
+            assert t["depth"] == depth and t["limit"] == limit
+            assert t["share"] == pytest.approx(deq["peak_bytes"] / deep["peak_bytes"])
+            assert t["pass"] == (t["share"] <= limit)
+
+
+def test_memory_table_max_iter_part(memory_results):
+    """max_iter 200 against 20 on a solve that converges in fewer steps: the same steps, and
+    ratios that are the quotients of the recorded peaks, judged against 1.5x."""
+    mi = memory_results["max_iter"]
+    hi, lo = (mi["max_iter"][str(m)] for m in memory_table.MAX_ITERS)
+    assert mi["same_steps"] and hi["solve_converged"] and lo["solve_converged"]
+    assert hi["solve_steps_max"] < memory_table.MAX_ITERS[1]
+    for what in ("solve", "step"):
+        r = hi[f"{what}_peak_bytes"] / lo[f"{what}_peak_bytes"]
+        assert mi[f"{what}_ratio"] == pytest.approx(r)
+        assert mi[f"{what}_target"]["pass"] == (r <= memory_table.TARGET_MAX_ITER_RATIO)
+    # The training step's solves use the layer's bounded ring: max_iter changes nothing.
+    assert hi["step_peak_bytes"] == lo["step_peak_bytes"]
 
 
 @pytest.mark.parametrize("kind", ["transformer", "trellisnet"])
@@ -126,11 +163,12 @@ def test_solver_workspace_follows_the_broyden_state_shapes(memory_results, kind)
     for name in ("forward", "backward"):
         part = ws[name]
         B, m, D = part["B"], part["history_m"], part["D"]
-        history = 2 * B * m * D * 4  # U and V, float32
+        history = 2 * B * m * D * 2  # U and V, bfloat16 (the default under a float32 state)
         assert part["history_bytes"] == history
         # Plus a handful of (B, D) vectors and the small per-sample ones.
         small = 64 * B * (m + 16)  # (B,) vectors, projections (B, 3, m), scalars
         assert history + 5 * B * D * 4 <= part["bytes"] <= history + 8 * B * D * 4 + small
+        assert part["history_m"] == min(DEFAULT_MEMORY[name], part["max_iter"])
         assert B == sizes["batch"]
     assert ws["peak_bytes"] == max(ws["forward"]["bytes"], ws["backward"]["bytes"])
 
