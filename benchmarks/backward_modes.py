@@ -295,8 +295,8 @@ def measure(w: sw.Workload, reps: int, warmup: int, modes: list[str]) -> dict[st
         progress(f"{w.name}: {label} ({time.perf_counter() - t0:.1f}s)")
     result: dict[str, Any] = {
         "description": w.description, **w.info,
-        "settings": {"forward": sw.settings_record(w.forward),
-                     "backward": sw.settings_record(w.backward)},
+        "settings": {"forward": sw.settings_record(w.forward, "forward"),
+                     "backward": sw.settings_record(w.backward, "backward")},
         "reference": {"backward_tol": w.backward.tol * REFERENCE_FACTOR,
                       "backward_max_iter": REFERENCE_MAX_ITER,
                       "rel_residual_max": float(ref_stats.rel_residual.max()),

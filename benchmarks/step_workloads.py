@@ -220,8 +220,10 @@ def build(name: str, device: torch.device, quick: bool, seed: int = 0,
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 
 
-def settings_record(s: SolverSettings) -> dict[str, Any]:
-    """A solver's settings for the results record (history ``memory``: None = max_iter)."""
+def settings_record(s: SolverSettings, direction: str) -> dict[str, Any]:
+    """A solver's settings for the results record, as the DEQ layer runs its ``direction``
+    (``"forward"`` or ``"backward"``) solve: ``memory=None`` is the layer's restarting ring."""
+    s = s.resolved(direction)
     return {"max_iter": s.max_iter, "tol": s.tol, "stop_mode": s.stop_mode,
             "memory": s.max_iter if s.memory is None else s.memory, "options": dict(s.options)}
 

@@ -255,8 +255,8 @@ def measure(w: sw.Workload, reps: int, warmup: int) -> dict[str, Any]:
     grads = {s: bench.gradients(s) for s in SIDES}
     result: dict[str, Any] = {
         "description": w.description, **w.info,
-        "settings": {"forward": sw.settings_record(w.forward),
-                     "backward": sw.settings_record(w.backward)},
+        "settings": {"forward": sw.settings_record(w.forward, "forward"),
+                     "backward": sw.settings_record(w.backward, "backward")},
         "torchdeq_config": bench.torchdeq.config,
         "times_s": times, "median_s": median_s,
         "spread_s": {s: spread(times[s]) for s in SIDES},

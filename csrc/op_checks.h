@@ -271,11 +271,13 @@ struct CheckedOps {
                              const at::Tensor& dg, const at::Tensor& g, const at::Tensor& status,
                              const at::Tensor& npairs, const at::Tensor& proj,
                              const at::Tensor& scal, const at::Tensor& partials,
-                             const at::Tensor& tickets, int64_t m) {
-    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, g, proj, scal, status, npairs,
-                                                partials, tickets, m);
-    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
-                           [m](int64_t n) { return stored_pairs(n, m); });
+                             const at::Tensor& tickets, int64_t m, bool restart) {
+    HistoryArgs t = checks::check_history(U, V, dz, dg, g, g, proj, scal, status, npairs,
+                                          partials, tickets, m);
+    t.restart = restart;
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U), [m, restart](int64_t n) {
+      return stored_pairs(live_pairs(n, m, restart), m);
+    });
     if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::reduce(t);
   }
@@ -284,13 +286,16 @@ struct CheckedOps {
                               const at::Tensor& dg, const at::Tensor& g, const at::Tensor& z,
                               const at::Tensor& proj, const at::Tensor& scal,
                               const at::Tensor& status, const at::Tensor& npairs,
-                              const at::Tensor& tickets, int64_t m) {
+                              const at::Tensor& tickets, int64_t m, bool restart) {
     // expand needs no partial sums (an undefined tensor stands in for them).
-    const HistoryArgs t = checks::check_history(U, V, dz, dg, g, z, proj, scal, status, npairs,
-                                                at::Tensor(), tickets, m);
-    // The new pair goes into slot npairs % m: it must be allocated too.
-    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
-                           [m](int64_t n) { return n < m ? n + 1 : m; });
+    HistoryArgs t = checks::check_history(U, V, dz, dg, g, z, proj, scal, status, npairs,
+                                          at::Tensor(), tickets, m);
+    t.restart = restart;
+    // The new pair goes into the next ring slot: it must be allocated too.
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U), [m, restart](int64_t n) {
+      const int64_t live = live_pairs(n, m, restart);
+      return live < m ? live + 1 : m;
+    });
     if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::expand(t);
   }

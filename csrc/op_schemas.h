@@ -22,11 +22,11 @@ inline void define_ops(torch::Library& m) {
   m.def(
       "broyden_reduce(Tensor[] U, Tensor[] V, Tensor dz, Tensor dg, Tensor g, Tensor status, "
       "Tensor npairs, Tensor(a!) proj, Tensor(b!) scal, Tensor(c!) partials, "
-      "Tensor(d!) tickets, int m) -> ()");
+      "Tensor(d!) tickets, int m, bool restart=False) -> ()");
   m.def(
       "broyden_expand_(Tensor(a!)[] U, Tensor(b!)[] V, Tensor(c!) dz, Tensor dg, Tensor g, "
       "Tensor(d!) z, Tensor proj, Tensor scal, Tensor status, Tensor(e!) npairs, "
-      "Tensor(f!) tickets, int m) -> ()");
+      "Tensor(f!) tickets, int m, bool restart=False) -> ()");
   m.def("fixed_point_step_(Tensor(a!) z, Tensor g, Tensor status, float tau) -> ()");
   m.def(
       "anderson_store_(Tensor(a!)[] X, Tensor(b!)[] G, Tensor(c!) gram, Tensor z, Tensor g, "

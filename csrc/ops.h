@@ -27,6 +27,7 @@ struct HistoryArgs {
   std::vector<at::Tensor> U, V;
   at::Tensor dz, dg, g, z, proj, scal, status, npairs, partials, tickets;
   int64_t m;
+  bool restart = false;  // a full ring starts over (live_pairs)
 };
 
 // Anderson's history: iterates X and residuals G as chunk lists, ring length m, their Gram

@@ -167,6 +167,13 @@ def _sherman_morrison(
     return den, vg, valid
 
 
+def live_pairs(npairs: torch.Tensor, m: int, restart: bool) -> torch.Tensor:
+    """The pair count an active sample's step starts from: with ``restart`` (restarted
+    Broyden) a full ring (``npairs >= m``) starts over as if empty. The count itself changes
+    only when a pair is stored, so a finished sample keeps its m pairs."""
+    return torch.where(npairs >= m, 0, npairs) if restart else npairs
+
+
 def broyden_reduce(
     U: list[torch.Tensor],
     V: list[torch.Tensor],
@@ -180,11 +187,12 @@ def broyden_reduce(
     partials: torch.Tensor,
     tickets: torch.Tensor,
     m: int,
+    restart: bool = False,
 ) -> None:
     """Fused reduction pass over the history (writes ``proj`` and ``scal``).
 
-    For every active sample with k = min(npairs, m) stored pairs (ring slots
-    0..k-1, which must be allocated): ``proj[b, 0, j] = U[b, j] . dz``,
+    For every active sample with k = min(n, m) stored pairs (ring slots
+    0..k-1, which must be allocated), n = :func:`live_pairs` of ``npairs``: ``proj[b, 0, j] = U[b, j] . dz``,
     ``proj[b, 1, j] = V[b, j] . dg``, ``proj[b, 2, j] = V[b, j] . g`` for j < k,
     and 0 for j >= k; ``scal[b] = [dz.dg, dz.g, den, vg, valid]`` with the
     Sherman-Morrison quantities of ``csrc/common/broyden_math.h``.
@@ -192,7 +200,7 @@ def broyden_reduce(
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    _check_capacity(U, npairs, idx, lambda n: torch.clamp(n, max=m))
+    _check_capacity(U, npairs, idx, lambda n: torch.clamp(live_pairs(n, m, restart), max=m))
     acc = torch.float64
     U_a = _ring(U, m).index_select(0, idx).to(acc)
     V_a = _ring(V, m).index_select(0, idx).to(acc)
@@ -200,7 +208,7 @@ def broyden_reduce(
     dz_a = dz.index_select(0, idx).to(acc)
     dg_a = dg.index_select(0, idx).to(acc)
     g_a = g.index_select(0, idx).to(acc)
-    k = torch.clamp(npairs.index_select(0, idx), max=m)
+    k = torch.clamp(live_pairs(npairs.index_select(0, idx), m, restart), max=m)
     stored = (torch.arange(cap, device=dz.device)[None, :] < k[:, None]).to(acc)
 
     p = torch.zeros(idx.numel(), 3, m, dtype=acc, device=dz.device)
@@ -241,21 +249,23 @@ def broyden_expand_(
     npairs: torch.Tensor,
     tickets: torch.Tensor,
     m: int,
+    restart: bool = False,
 ) -> None:
     """Fused expansion pass: store the new pair, form the next step, move z.
 
-    For every active sample, with k = min(npairs, m), slot = npairs % m (both
-    allocated) and (a, b, c) = proj[b]: if ``scal[b, VALID]``,
+    For every active sample, with n = :func:`live_pairs` of ``npairs``, k = min(n, m),
+    slot = n % m (both allocated) and (a, b, c) = proj[b]: if ``scal[b, VALID]``,
     ``u = (dz + dg - U b) / den``, ``v = -dz + V a``, the pair goes into ring
     slot ``slot`` (replacing the oldest pair once the ring is full) and
-    ``npairs += 1``; the step is ``-H' g = g - sum_{j kept} U_j c_j - u vg``.
+    ``npairs = n + 1``; the step is ``-H' g = g - sum_{j kept} U_j c_j - u vg``.
     Otherwise the history is untouched and the step is ``g - U c``. Finally
     ``dz = step`` and ``z += step``.
     """
     idx = _active_index(status)
     if idx.numel() == 0:
         return
-    _check_capacity(U, npairs, idx, lambda n: torch.where(n < m, n + 1, m))
+    _check_capacity(U, npairs, idx,
+                    lambda n: torch.clamp(live_pairs(n, m, restart) + 1, max=m))
     acc = torch.float64
     U_a = _ring(U, m).index_select(0, idx).to(acc)
     V_a = _ring(V, m).index_select(0, idx).to(acc)
@@ -265,7 +275,7 @@ def broyden_expand_(
     g_a = g.index_select(0, idx).to(acc)
     p = proj.index_select(0, idx).to(acc)[:, :, :cap]
     s = scal.index_select(0, idx).to(acc)
-    n = npairs.index_select(0, idx)
+    n = live_pairs(npairs.index_select(0, idx), m, restart)
     k = torch.clamp(n, max=m)
     slot = n % m
     valid = s[:, VALID] != 0
@@ -284,7 +294,7 @@ def broyden_expand_(
     if vi.numel():
         _write_slots(U, vi, slot[valid], _to_history(u[valid], U[0].dtype))
         _write_slots(V, vi, slot[valid], _to_history(v[valid], V[0].dtype))
-        npairs.index_add_(0, vi, torch.ones_like(vi))
+        npairs.index_copy_(0, vi, n[valid] + 1)
     step = step.to(z.dtype)
     dz.index_copy_(0, idx, step)
     z.index_copy_(0, idx, z.index_select(0, idx) + step)

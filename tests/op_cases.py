@@ -31,12 +31,13 @@ def _mix_state(B, D, m, dtype, seed):
 OP_CASES: dict[str, tuple[Callable[..., dict], Callable[[dict], tuple]]] = {
     "broyden_reduce": (
         lambda B, D, m, dt, s: history_state(B, m, D, dt, "cpu", s),
-        _names("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal", "partials",
-               "tickets", "m")),
+        # restart=True: the ring policy the DEQ layer uses by default.
+        lambda st: (*_names("U", "V", "dz", "dg", "g", "status", "npairs", "proj", "scal",
+                            "partials", "tickets", "m")(st), True)),
     "broyden_expand_": (
         lambda B, D, m, dt, s: with_reduced_scalars(history_state(B, m, D, dt, "cpu", s), s),
-        _names("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs", "tickets",
-               "m")),
+        lambda st: (*_names("U", "V", "dz", "dg", "g", "z", "proj", "scal", "status", "npairs",
+                            "tickets", "m")(st), True)),
     "residual_status_": (
         lambda B, D, m, dt, s: residual_state(B, D, dt, dt, "cpu", s),
         lambda st: (*_names(*RESIDUAL_ARGS)(st), 0.5, False, 3, 1e3, True, True)),

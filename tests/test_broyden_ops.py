@@ -242,3 +242,40 @@ def test_residual_counts_pending_and_active(ext, device):
         assert s["counts"].tolist() == [int(pending.sum()), int(active.sum())]
         assert torch.equal(s["counts"], want["counts"])
         assert int(s["tickets"].abs().sum()) == 0  # every block counter is left at zero
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,D,m", [(5, 7, 3), (6, 129, 5), (5, 4096 + 32, 4)])
+def test_restart_starts_a_full_ring_over(ext, device, dtype, B, D, m):
+    """restart=True (restarted Broyden): an active sample whose ring is full steps as an empty
+    one would (H = -I), stores its pair in slot 0 and counts 1; a finished sample keeps its
+    count, and so its m pairs (SHINE reads them); a ring not yet full is unaffected."""
+    st = history_state(B, m, D, dtype, device, seed=_seed("restart", B, D, m, dtype))
+    counts = [m, m, m - 1, 0, 2 * m + 1][:B] + [m] * (B - 5)
+    st["npairs"].copy_(torch.tensor(counts))
+    status = [Status.ACTIVE, Status.CONVERGED, Status.ACTIVE, Status.ACTIVE, Status.ACTIVE]
+    st["status"].copy_(torch.tensor([int(s) for s in status][:B] + [int(Status.ACTIVE)] * (B - 5)))
+    # The same samples with empty rings and no restart: what a restarted sample must match.
+    fresh = clone_state(st)
+    full = (st["npairs"] >= m) & (st["status"] == Status.ACTIVE)
+    fresh["npairs"][full] = 0
+    before = clone_state(st)
+    want, got = clone_state(st), st
+    for op, names in (("broyden_reduce", REDUCE_ARGS), ("broyden_expand_", EXPAND_ARGS)):
+        getattr(ext, op)(*args_of(got, names), True)
+        getattr(reference, op)(*args_of(want, names), True)
+        getattr(reference, op)(*args_of(fresh, names), False)
+    assert_states_match(got, want, before, dtype)
+    for key in ("z", "dz", "proj", "scal", "npairs"):
+        torch.testing.assert_close(want[key], fresh[key], rtol=0, atol=0)
+    stored = want["scal"][:, VALID] != 0  # as the reduce above left it
+    active = before["status"] == Status.ACTIVE
+    expected = torch.where(active & stored, torch.where(full, 1, before["npairs"] + 1),
+                           before["npairs"])
+    assert torch.equal(got["npairs"].cpu(), expected.cpu())
+    assert int(got["npairs"][1]) == m  # finished with a full ring: its pairs stay countable
+    # Without restart the full ring's oldest pair is replaced instead: different steps.
+    plain = clone_state(before)
+    for op, names in (("broyden_reduce", REDUCE_ARGS), ("broyden_expand_", EXPAND_ARGS)):
+        getattr(reference, op)(*args_of(plain, names))
+    assert not torch.equal(plain["z"][0], want["z"][0])

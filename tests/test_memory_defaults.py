@@ -100,7 +100,10 @@ def test_restart_starts_the_ring_over():
     res = deq_ext.broyden(f, z0, memory=3, restart=True, **kw)
     assert bool(res.converged.all()) and int(res.nstep.min()) > 3
     assert res.state["U"].shape[1] == 3
-    assert int(res.state["npairs"].max()) < 3  # the steps since the last restart
+    # The pairs since the last restart: the count restarts when the next step begins, so a
+    # sample that ended on a full ring still counts (and keeps) its 3 pairs.
+    updates = res.nstep - 1
+    assert torch.equal(res.state["npairs"], (updates - 1) % 3 + 1)
     ring = deq_ext.broyden(f, z0, memory=3, **kw)
     assert int(ring.state["npairs"].min()) > 3  # the ring counts every pair
     long = deq_ext.broyden(f, z0, restart=True, **kw)
@@ -125,3 +128,21 @@ def test_the_forward_history_is_gone_before_the_adjoint_allocates_its_own():
     fwd_ring, bwd_ring = 16 * pair, 8 * pair
     assert tracker.label_peaks["history"] == max(fwd_ring, bwd_ring)
     assert tracker.peak_labelled.get("history", 0) <= max(fwd_ring, bwd_ring)
+
+
+def test_shine_reads_the_pairs_of_a_sample_that_ended_on_a_full_restarting_ring():
+    """Under the layer's restarting ring, a sample that finished right after storing its m-th
+    pair keeps them (the kernels restart a ring only when the sample's next step begins): its
+    SHINE estimate uses them instead of falling back for want of pairs."""
+    lin, f, x, rho = _slow_contraction(torch.float64, B=24)
+    m = 4
+    stats: dict = {}
+    fwd = SolverSettings(max_iter=60, tol=1e-10, memory=m, options={"restart": True})
+    z = deq_ext.deq_fixed_point(f, torch.zeros_like(x), x, rho, forward=fwd, stats=stats,
+                                grad_mode="shine", backward=dict(shine_tol=float("inf")))
+    z.sum().backward()
+    updates = stats["forward"].nstep - 1
+    on_full_ring = (updates > 0) & (updates % m == 0)
+    assert bool(on_full_ring.any()), "no sample ended on a full ring: the test shows nothing"
+    fallback = stats["backward"].fallback
+    assert not bool((fallback == deq_ext.ShineFallback.NO_PAIRS).any()), fallback

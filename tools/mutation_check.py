@@ -387,7 +387,7 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("restart-ignored",
        "restart=True starts a full ring over (restarted Broyden)",
        "deq_ext/solvers/broyden.py",
-       "            self.npairs.remainder_(self.m)", "            pass",
+       "        self.restart = restart", "        self.restart = False",
        "tests/test_memory_defaults.py::test_restart_starts_the_ring_over"),
     _m("layer-ring-unbounded",
        "the DEQ layer's default history is a bounded ring (16 forward, 8 backward)",

@@ -137,7 +137,6 @@ class TrainConfig:
         names = ("grad_mode", "backward_init", "phantom_steps")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
-
     @property
     def milestones(self) -> tuple[int, ...]:
         """The ``step`` schedule's milestones, parsed from ``lr_decay_at``."""

@@ -51,6 +51,8 @@ class CopyConfig(TrainConfig):
             training (0: off); adds ``jac_loss_weight`` times its mean to the loss.
         jac_loss_weight: weight of the Jacobian regularizer in the training loss.
         results: write a JSON summary of the run here.
+        graph: run the DEQ solves (forward, adjoint and evaluation) as CUDA-graph replays
+            (the solvers' ``graph=True``; CUDA only).
     """
 
     # The CPU main job: 1500 steps of 64 sequences (about 5 epochs of 20K), T = 30.
@@ -84,6 +86,7 @@ class CopyConfig(TrainConfig):
     jac_reg_samples: int = 0
     jac_loss_weight: float = 1.0
     results: Optional[str] = None
+    graph: bool = False
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,13 +110,16 @@ class CopyModel(nn.Module):
 
     def __init__(self, cfg: CopyConfig) -> None:
         super().__init__()
+        options = {"graph": True} if cfg.graph else {}
         modes = ModeConfig(
             mode="pretrain" if cfg.pretrain_steps > 0 else cfg.mode,
             unrolled_depth=cfg.unrolled_depth,
-            forward=SolverSettings(max_iter=cfg.fwd_iter, tol=cfg.fwd_tol, stop_mode="rel"),
-            backward=SolverSettings(max_iter=cfg.bwd_iter, tol=cfg.bwd_tol, stop_mode="rel"),
+            forward=SolverSettings(max_iter=cfg.fwd_iter, tol=cfg.fwd_tol, stop_mode="rel",
+                                   options=options),
+            backward=SolverSettings(max_iter=cfg.bwd_iter, tol=cfg.bwd_tol, stop_mode="rel",
+                                    options=options),
             eval_forward=SolverSettings(max_iter=cfg.fwd_iter, tol=cfg.eval_tol,
-                                        stop_mode="rel"),
+                                        stop_mode="rel", options=options),
             jac_reg_samples=cfg.jac_reg_samples, **cfg.gradient_changes())
         if cfg.model == "transformer":
             core_cfg: Any = TransformerConfig(d_model=cfg.d_model, n_head=cfg.n_head,
@@ -200,6 +206,9 @@ def main(argv: Optional[Sequence[str]] = None, stop_at: Optional[int] = None) ->
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = init_distributed(cfg.device)
+    if cfg.graph and device.type != "cuda":
+        raise SystemExit(f"--graph true replays the DEQ solves as CUDA graphs: it needs a CUDA "
+                         f"device, and this run's device is {device}")
     seed_everything(cfg.seed)
     task = CopyTask(cfg, device)
     base = baseline_losses(cfg.T)

@@ -39,4 +39,11 @@ struct HistoryChunks {
 DEQ_HD int64_t stored_pairs(int64_t npairs, int64_t m) { return npairs < m ? npairs : m; }
 DEQ_HD int64_t next_slot(int64_t npairs, int64_t m) { return npairs % m; }
 
+// The pair count an active sample's step starts from. With restart (restarted Broyden) a full
+// ring starts over as if empty, and the step's valid pair makes the count 1; the count itself
+// only changes when a pair is stored, so a finished sample keeps its m pairs (SHINE reads them).
+DEQ_HD int64_t live_pairs(int64_t npairs, int64_t m, bool restart) {
+  return restart && npairs >= m ? 0 : npairs;
+}
+
 }  // namespace deq_ext

@@ -37,7 +37,7 @@ void reduce_impl(const HistoryArgs& t) {
     const scalar_t* dzb = dz + b * D;
     const scalar_t* dgb = dg + b * D;
     const scalar_t* gb = g + b * D;
-    const int64_t k = stored_pairs(npairs[b], m);
+    const int64_t k = stored_pairs(live_pairs(npairs[b], m, t.restart), m);
     for (int64_t j = 0; j < k; ++j) {
       dot3(U.row(b, j), V.row(b, j), dzb, dgb, gb, lo, hi, &out[j], &out[m + j], &out[2 * m + j]);
     }
@@ -54,7 +54,7 @@ void reduce_impl(const HistoryArgs& t) {
     std::vector<acc_t> tot(Q, acc_t(0));
     for (int64_t c = 0; c < nch; ++c)
       for (int64_t q = 0; q < Q; ++q) tot[q] += part[(i * nch + c) * Q + q];
-    const int64_t k = stored_pairs(npairs[b], m);
+    const int64_t k = stored_pairs(live_pairs(npairs[b], m, t.restart), m);
     acc_t den, vg, valid;
     sherman_morrison<acc_t>(tot.data(), tot.data() + m, tot.data() + 2 * m, k, tot[3 * m],
                             tot[3 * m + 1], &den, &vg, &valid);
@@ -144,7 +144,8 @@ void expand_impl(const HistoryArgs& t) {
   const scalar_t* scal = t.scal.data_ptr<scalar_t>();
   int64_t* npairs = t.npairs.data_ptr<int64_t>();
   for_each_chunk(act, D, [&](int64_t, int64_t b, int64_t, int64_t lo, int64_t hi) {
-    const int64_t n = npairs[b], k = stored_pairs(n, m), slot = next_slot(n, m);
+    const int64_t n = live_pairs(npairs[b], m, t.restart), k = stored_pairs(n, m),
+                  slot = next_slot(n, m);
     const scalar_t* s = scal + b * kNumScalars;
     const bool valid = s[kValid] != scalar_t(0);
     const acc_t den = s[kDen], vg = s[kVG];
@@ -183,7 +184,8 @@ void expand_impl(const HistoryArgs& t) {
   });
   const scalar_t* sc = scal;
   for (int64_t b : act)
-    if (sc[b * kNumScalars + kValid] != scalar_t(0)) npairs[b] += 1;
+    if (sc[b * kNumScalars + kValid] != scalar_t(0))
+      npairs[b] = live_pairs(npairs[b], m, t.restart) + 1;
 }
 
 }  // namespace

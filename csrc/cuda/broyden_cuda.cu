@@ -67,12 +67,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     reduce_kernel(HistoryChunks<const hist_t> U, HistoryChunks<const hist_t> V,
                   const scalar_t* __restrict__ dz, const scalar_t* __restrict__ dg,
                   const scalar_t* __restrict__ g, const int64_t* __restrict__ status,
-                  const int64_t* __restrict__ npairs, int64_t m, int64_t D, int64_t nch,
-                  accum_t* part, int* tickets, scalar_t* proj, scalar_t* scal) {
+                  const int64_t* __restrict__ npairs, int64_t m, bool restart, int64_t D,
+                  int64_t nch, accum_t* part, int* tickets, scalar_t* proj, scalar_t* scal) {
   using acc_t = accum_t;
   static_assert(3 * kPairs <= kThreads, "one tile total per thread");
   const ChunkPos pos = chunk_pos(nch, D);
-  const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
+  const int64_t st = status[pos.b], n = live_pairs(npairs[pos.b], m, restart);
   if (st != kActive) return;
   // (never past the allocated chunks, whatever the caller passed)
   const int64_t k = stored_pairs(stored_pairs(n, m), U.capacity());
@@ -197,10 +197,10 @@ __global__ void __launch_bounds__(kThreads, 2)
                   const scalar_t* __restrict__ dg, const scalar_t* __restrict__ g, scalar_t* z,
                   const scalar_t* __restrict__ proj, const scalar_t* __restrict__ scal,
                   const int64_t* __restrict__ status, int64_t* npairs, int* tickets, int64_t m,
-                  int64_t D, int64_t nch) {
+                  bool restart, int64_t D, int64_t nch) {
   using acc_t = accum_t;
   const ChunkPos pos = chunk_pos(nch, D);
-  const int64_t st = status[pos.b], n = npairs[pos.b];  // both loads in flight at once
+  const int64_t st = status[pos.b], n = live_pairs(npairs[pos.b], m, restart);
   if (st != kActive) return;
   const int64_t k = stored_pairs(stored_pairs(n, m), U.capacity()), slot = next_slot(n, m);
   const scalar_t* s = scal + pos.b * kNumScalars;
@@ -266,7 +266,7 @@ void reduce_impl(const HistoryArgs& t) {
   reduce_kernel<scalar_t, hist_t, kReducePairs><<<chunk_grid(B, nch), kThreads, 0, stream>>>(
       chunks_of<const hist_t>(t.U), chunks_of<const hist_t>(t.V), t.dz.data_ptr<scalar_t>(),
       t.dg.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
-      t.npairs.data_ptr<int64_t>(), m, D, nch, t.partials.data_ptr<acc_t>(),
+      t.npairs.data_ptr<int64_t>(), m, t.restart, D, nch, t.partials.data_ptr<acc_t>(),
       t.tickets.data_ptr<int>(), t.proj.data_ptr<scalar_t>(), t.scal.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -280,7 +280,7 @@ void expand_impl(const HistoryArgs& t) {
       chunks_of<hist_t>(t.U), chunks_of<hist_t>(t.V), t.dz.data_ptr<scalar_t>(),
       t.dg.data_ptr<scalar_t>(), t.g.data_ptr<scalar_t>(), t.z.data_ptr<scalar_t>(),
       t.proj.data_ptr<scalar_t>(), t.scal.data_ptr<scalar_t>(), t.status.data_ptr<int64_t>(),
-      t.npairs.data_ptr<int64_t>(), t.tickets.data_ptr<int>(), m, D, nch);
+      t.npairs.data_ptr<int64_t>(), t.tickets.data_ptr<int>(), m, t.restart, D, nch);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

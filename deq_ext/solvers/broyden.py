@@ -78,15 +78,13 @@ class _BroydenSolve(MaskedSolve):
     def step(self) -> None:
         """One Broyden update of the inverse Jacobian and one move of z, active samples only."""
         U, V = self.history["U"], self.history["V"]
-        if self.restart:
-            # A full ring starts over: its m pairs are dropped, H is -I again, and this step
-            # stores the newest secant pair in slot 0 (restarted Broyden). In place, allocating
-            # nothing; a finished sample's count changes nothing it returns.
-            self.npairs.remainder_(self.m)
+        # With restart, the kernels start a full ring over (H = -I, the newest secant pair in
+        # slot 0: restarted Broyden); a finished sample keeps its count and its m pairs.
         self.ops.broyden_reduce(U, V, self.dz, self.dg, self.g, self.status, self.npairs,
-                                self.proj, self.scal, self.partials, self.tickets, self.m)
+                                self.proj, self.scal, self.partials, self.tickets, self.m,
+                                self.restart)
         self.ops.broyden_expand_(U, V, self.dz, self.dg, self.g, self.z, self.proj, self.scal,
-                                 self.status, self.npairs, self.tickets, self.m)
+                                 self.status, self.npairs, self.tickets, self.m, self.restart)
 
     def after_evaluation(self, fz: torch.Tensor, bucket: Bucket) -> torch.Tensor:
         return self.armijo(fz) if self.line_search else fz
@@ -203,7 +201,8 @@ def broyden(
             consistent approximation: with a ring shorter than the solve it needs fewer
             steps, notably on the linear adjoint solve (``python -m
             benchmarks.history_size``). ``npairs`` then counts the pairs since the last
-            restart. One more in-place op per iteration.
+            restart (a sample that finished with a full ring keeps its m pairs); the
+            kernels do the restart, at no extra op.
         history_dtype: the dtype of the stored pairs U, V: ``torch.bfloat16`` (the
             default under a float32 state, on every device), ``torch.float16``, or the
             state dtype (float32 for float16/bfloat16/float32 iterates, float64; the

@@ -148,3 +148,16 @@ def test_each_rank_builds_the_same_model_but_draws_its_own_dropout_stream(monkey
             script.main(TINY + ["--progress", "false"])
     assert torch.equal(seen[0][1], seen[1][1])      # identical initial parameters
     assert not torch.equal(seen[0][0], seen[1][0])  # different random streams (dropout masks)
+
+
+def test_graph_flag_reaches_every_solve_and_needs_cuda() -> None:
+    from train.copy_memory import CopyModel
+
+    cfg = parse_config(CopyConfig, TINY + ["--graph", "true"], "", PRESETS)
+    modes = CopyModel(cfg).core.modes
+    for settings in (modes.forward, modes.backward, modes.eval_forward):
+        assert settings.options.get("graph") is True
+    assert "graph" not in CopyModel(parse_config(CopyConfig, TINY, "", PRESETS)).core.modes.forward.options
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            main(TINY + ["--graph", "true", "--device", "cpu"])
