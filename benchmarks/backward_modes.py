@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from deq_ext import DEQ, SolverSettings
-from deq_ext.bench.env import (
+from deq_ext.bench import (
     machine_busy,
     median_index,
     progress,

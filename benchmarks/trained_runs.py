@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from deq_ext.bench.env import progress
+from deq_ext.bench import progress
 
 DIGITS_DIR = os.path.join("out", "bench-digits")
 LM_DIR = os.path.join("out", "bench-cpu-lm")

@@ -275,9 +275,10 @@ struct CheckedOps {
     HistoryArgs t = checks::check_history(U, V, dz, dg, g, g, proj, scal, status, npairs,
                                           partials, tickets, m);
     t.restart = restart;
-    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U), [m, restart](int64_t n) {
-      return stored_pairs(live_pairs(n, m, restart), m);
-    });
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
+                           [m, restart](int64_t n) {
+                             return stored_pairs(live_pairs(n, m, restart), m);
+                           });
     if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::reduce(t);
   }
@@ -292,10 +293,11 @@ struct CheckedOps {
                                           at::Tensor(), tickets, m);
     t.restart = restart;
     // The new pair goes into the next ring slot: it must be allocated too.
-    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U), [m, restart](int64_t n) {
-      const int64_t live = live_pairs(n, m, restart);
-      return live < m ? live + 1 : m;
-    });
+    checks::check_capacity("npairs", npairs, status, checks::capacity_of(t.U),
+                           [m, restart](int64_t n) {
+                             const int64_t live = live_pairs(n, m, restart);
+                             return live < m ? live + 1 : m;
+                           });
     if (dz.size(0) == 0 || dz.size(1) == 0) return;
     Kernels::expand(t);
   }
