@@ -8,7 +8,11 @@ embedding-sized inputs, with a full Transformer-XL memory). Rows: the DEQ whose 
 their iteration limits (random weights never converge: the worst case); the DEQ whose solves stop
 after :data:`CONVERGED_STEPS` steps, as a trained model's converge (the same settings, the
 iteration limits lowered to those steps: the history then holds what a converging solve's holds);
-the deep weight-tied model (same parameters) unrolled at the paper's depths (16 and 18 layers for
+the DEQ with ``chunk=None`` (the whole batch in one solve, as before chunks existed; the
+default ``chunk="auto"`` solves these CPU batches 4 at a time and CUDA batches whole; the table
+also gives the default's time against this row's: on the CPU two steps each, one counting the
+saved bytes and one under the tracker, which slow every operator alike); the deep weight-tied model (same
+parameters) unrolled at the paper's depths (16 and 18 layers for
 the transformer, 60 and 70 for the TrellisNet); the same with gradient checkpointing. The figure
 is the DEQ's share of each deep model's memory, as a user meets it: the **peak** memory of one
 training step (forward and backward) above what existed before it, so the solver's workspace
@@ -56,6 +60,7 @@ import torch
 
 import deq_ext
 from deq_ext.bench import load_average, machine_busy, progress, ratio
+from deq_ext.chunks import auto_chunk
 from deq_ext.solvers import broyden_workspace
 from models.modes import SequenceCore
 
@@ -77,6 +82,7 @@ TARGET_CHECKPOINTED = 0.6
 # same history, so the row's peak depends on them only below that.
 CONVERGED_STEPS = (20, 25)
 QUICK_CONVERGED_STEPS = (3, 3)  # the tiny presets' limits are 20: below their rings
+
 # The max_iter part: max_iter 200 against 20 on a solve that converges in fewer steps.
 MAX_ITERS = (200, 20)
 MAX_ITER_WIDTH = 64  # values per token of its problem
@@ -162,10 +168,11 @@ def inputs_for(core: SequenceCore, batch: int,
 
 
 def history_label(batch: int, dim: int) -> Callable[[torch.Tensor], Optional[str]]:
-    """Labels a solve's history chunks: ``(B, C, D)`` tensors of the DEQ's batch and state size
-    (no other tensor of a step has that shape: the state itself is ``(B, T, d)``)."""
+    """Labels a solve's history chunks: ``(b, C, D)`` tensors of at most the DEQ's batch (b < B
+    in a solve of a chunk of samples) and of its state size (no other tensor of a step has
+    that shape: the state itself is ``(B, T, d)``)."""
     def label(t: torch.Tensor) -> Optional[str]:
-        return "history" if t.dim() == 3 and t.shape[0] == batch and t.shape[2] == dim \
+        return "history" if t.dim() == 3 and t.shape[0] <= batch and t.shape[2] == dim \
             and t.shape[1] < dim else None
     return label
 
@@ -177,15 +184,18 @@ def cpu_row(real: SequenceCore, meta: SequenceCore, batch: int, seq: int,
     core = real if mode == "deq" else meta
     ms.set_mode(core, mode, depth, checkpoint)
     x, memory, w = inputs_for(core, batch, seq)
+    # Two runs: the saved-bytes hooks keep what they count alive until the forward pass ends,
+    # which would add to the peak what a chunked DEQ frees as it goes.
     ms.zero_grads(core)
-    saved: dict[str, int] = {}
+    loss_holder: list[torch.Tensor] = []
+    saved = saved_bytes(lambda: loss_holder.append(ms.core_loss(core, x, memory, w)))
+    loss_holder.pop().backward()
+    ms.zero_grads(core)
     dim = math.prod(core.state_shape(batch, seq)) // batch
     with PeakTracker(history_label(batch, dim)) as tracker:
-        loss_holder: list[torch.Tensor] = []
-        saved["bytes"] = saved_bytes(lambda: loss_holder.append(ms.core_loss(core, x, memory, w)))
-        loss_holder.pop().backward()
+        ms.core_loss(core, x, memory, w).backward()
     ms.zero_grads(core)
-    out = {"peak_bytes": tracker.peak, "saved_bytes": saved["bytes"]}
+    out = {"peak_bytes": tracker.peak, "saved_bytes": saved}
     if mode == "deq":
         out["history_bytes"] = tracker.peak_labelled.get("history", 0)
     return out
@@ -239,8 +249,9 @@ def measure_model(kind: str, preset: str, sizes: dict[str, Any], device: torch.d
             n = cuda_row(real, batch, seq, mode, depth, ckpt)
         label = (name or mode) + (f" L={depth}" if depth else "") + \
             (" checkpointed" if ckpt else "")
+        n["step_s"] = time.perf_counter() - t0
         progress(f"{kind}: {label}: peak {n['peak_bytes'] / MIB:.1f} MiB "
-                 f"({time.perf_counter() - t0:.1f}s)")
+                 f"({n['step_s']:.1f}s)")
         return {"row": name or ("checkpointed" if ckpt else mode), "depth": depth, **n}
 
     def deq_row(name: str) -> dict[str, Any]:
@@ -260,20 +271,26 @@ def measure_model(kind: str, preset: str, sizes: dict[str, Any], device: torch.d
     real.set_mode("deq", **converged_modes(limits, sizes["converged_steps"]))
     converged = deq_row("deq_converged")
     real.set_mode("deq", forward=limits.forward, backward=limits.backward)
+    real.set_mode("deq", chunk=None)
+    whole = deq_row("deq_whole_batch")
+    real.set_mode("deq", chunk="auto")
     result["deq_solves"] = deq["solves"]
     result["converged_steps"] = dict(zip(("forward", "backward"), sizes["converged_steps"]))
     result["solver_workspace"] = solver_workspace(preset, batch, seq, ms.mem_len_of(real))
     result["not_counted"] = _not_counted(cpu)
-    rows = [deq, converged]
+    rows = [deq, converged, whole]
     for ckpt in (False, True):
         for L in sizes["depths"][kind]:
             rows.append(row("unrolled", L, ckpt))
     for r in rows:
         r["deq_share"] = ratio(deq["peak_bytes"], r["peak_bytes"])
         r["deq_converged_share"] = ratio(converged["peak_bytes"], r["peak_bytes"])
+        r["deq_whole_batch_share"] = ratio(whole["peak_bytes"], r["peak_bytes"])
         if cpu:
             r["deq_share_saved"] = ratio(deq["saved_bytes"], r["saved_bytes"])
     result["rows"] = rows
+    result["auto_chunk"] = auto_chunk(batch, math.prod(real.state_shape(batch, seq)) // batch, device)
+    result["default_vs_whole_time"] = ratio(deq["step_s"], whole["step_s"])
     result["targets"] = _targets(rows, sizes["target_depth"][kind])
     return result
 
@@ -326,7 +343,8 @@ def _targets(rows: list[dict[str, Any]], depth: int) -> dict[str, Any]:
             continue
         t = {"depth": depth, "share": deep["deq_share"], "limit": limit,
              "pass": deep["deq_share"] <= limit,
-             "converged_share": deep["deq_converged_share"]}
+             "converged_share": deep["deq_converged_share"],
+             "whole_batch_share": deep["deq_whole_batch_share"]}
         if "deq_share_saved" in deep:
             t["share_saved_bytes"] = deep["deq_share_saved"]
         out[kind] = t
@@ -478,13 +496,13 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{kind} ({res['preset']}{memory}); deq: solves to the limit, "
                      f"deq_converged: {steps['forward']} forward / {steps['backward']} "
                      f"backward steps:")
-        head = f"  {'model':<14}{'L':>4}{'peak MiB':>11}{'history':>9}{'DEQ share':>11}" \
+        head = f"  {'model':<17}{'L':>4}{'peak MiB':>11}{'history':>9}{'DEQ share':>11}" \
                f"{'conv. share':>12}"
         head += f"{'saved MiB':>11}{'DEQ share':>11}" if cpu else ""
         lines.append(head)
         for r in res["rows"]:
             hist = _pct(r.get("history_share")) if "history_share" in r else "-"
-            line = (f"  {r['row']:<14}{r['depth'] or '-':>4}{r['peak_bytes'] / MIB:>11.1f}"
+            line = (f"  {r['row']:<17}{r['depth'] or '-':>4}{r['peak_bytes'] / MIB:>11.1f}"
                     f"{hist:>9}{_pct(r['deq_share']):>11}{_pct(r['deq_converged_share']):>12}")
             if cpu:
                 line += f"{r['saved_bytes'] / MIB:>11.1f}{_pct(r['deq_share_saved']):>11}"
@@ -495,6 +513,13 @@ def format_table(results: dict[str, Any]) -> str:
                      f"(m={ws['forward']['history_m']}), "
                      f"backward {ws['backward']['bytes'] / MIB:.1f} MiB "
                      f"(m={ws['backward']['history_m']}); D={ws['forward']['D']}")
+        if res.get("default_vs_whole_time") is not None:
+            n = res["auto_chunk"]
+            lines.append(f"  deq (chunk='auto': {f'{n} samples per solve' if n else 'whole batch'}"
+                         f") step time / deq_whole_batch's: "
+                         f"{res['default_vs_whole_time']:.2f}x (the time of each row: "
+                         + ("two steps, one counting saved bytes, one under the tracker)"
+                            if cpu else "one step)"))
         for name, t in res["targets"].items():
             verdict = "PASS" if t["pass"] else "FAIL"
             limit = f"{t['limit']:.0%}" if name == "unrolled" else f"{t['limit']:.2f}x"
@@ -502,7 +527,8 @@ def format_table(results: dict[str, Any]) -> str:
                      if "share_saved_bytes" in t else "")
             lines.append(f"  target DEQ (to the limit) peak <= {limit} of {name} L={t['depth']}: "
                          f"{_pct(t['share'])} {verdict}{extra}; converging DEQ "
-                         f"{_pct(t['converged_share'])}")
+                         f"{_pct(t['converged_share'])}; whole batch (chunk=None) "
+                         f"{_pct(t['whole_batch_share'])}")
     mi = results.get("max_iter")
     if mi:
         hi, lo = (mi["max_iter"][str(m)] for m in MAX_ITERS)

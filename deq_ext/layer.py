@@ -27,8 +27,18 @@ from torch import nn
 
 from .adjoint import AdjointMap, SampleSubset, autocast_state, check_rerecord_below
 from .adjoint import reusable_backward as _reusable_backward
+from .chunks import (
+    AUTO,
+    auto_chunk,
+    check_chunk,
+    graph_leaves,
+    implicit_in_chunks,
+    joined,
+    solve_in_chunks,
+    summed,
+)
 from .jacobian import jac_reg, spectral_radius
-from .mixing import check_compactable
+from .mixing import check_compactable, sample_mixers
 from .precision import AutocastState
 from .result import SolverResult
 from .shine import (
@@ -190,6 +200,29 @@ class SolverStats:
         return cls(res.nstep, res.nfev, res.abs_residual, res.rel_residual, res.status,
                    f_rows=res.f_rows)
 
+    @classmethod
+    def cat(cls, parts: list["SolverStats"]) -> "SolverStats":
+        """The statistics of a batch solved in chunks (:mod:`deq_ext.chunks`), from its chunks'
+        in order: per-sample tensors joined, row counts summed."""
+        if len(parts) == 1:
+            return parts[0]
+
+        def cat(name: str) -> torch.Tensor:
+            return torch.cat([getattr(p, name) for p in parts])
+
+        def tensors(name: str) -> Optional[torch.Tensor]:
+            return joined([getattr(p, name) for p in parts])
+
+        def counts(name: str) -> Optional[int]:
+            return summed([getattr(p, name) for p in parts])
+
+        return cls(cat("nstep"), cat("nfev"), cat("abs_residual"), cat("rel_residual"),
+                   cat("status"), spectral_radius=tensors("spectral_radius"),
+                   vjp_rows=counts("vjp_rows"), rerecord_rows=counts("rerecord_rows"),
+                   f_rows=counts("f_rows"), nonfinite_grad=tensors("nonfinite_grad"),
+                   fallback=tensors("fallback"),
+                   estimate_rel_residual=tensors("estimate_rel_residual"))
+
     def summary(self) -> dict[str, float]:
         """Batch means for logging (reads from the device)."""
         if self.check_backward_divergence:
@@ -250,19 +283,7 @@ class _ImplicitGrad(torch.autograd.Function):
 def _needs_more_than(out: torch.Tensor, leaf: torch.Tensor) -> bool:
     """Whether ``out``'s graph reaches a leaf other than ``leaf``: parameters or inputs to
     differentiate. A frozen f applied to inputs without grad needs no adjoint solve."""
-    stack, seen = [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node holds its leaf
-        if variable is not None:
-            if variable is not leaf:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+    return bool(graph_leaves(out, [leaf]))
 
 
 def _check_inputs(z0: torch.Tensor, inputs: tuple) -> None:
@@ -357,6 +378,39 @@ def _check_backward_modes(grad_mode: Any, fwd: SolverSettings, bwd: SolverSettin
     return needs
 
 
+def _chunk_conflict(f: Callable[..., Any], grad_mode: str, bwd: SolverSettings,
+                    jac_reg_samples: int, spectral_radius_steps: int) -> Optional[str]:
+    """Why the samples cannot be solved in chunks (None: they can): an f that mixes samples,
+    or an option that needs f's graph or the forward's pairs on the whole batch at once."""
+    mixers = sample_mixers(f)
+    if mixers:
+        return f"f mixes samples ({'; '.join(mixers)})"
+    if grad_mode == "shine" or bwd.options.get("init", "grad") == "shine":
+        return ("grad_mode='shine' and backward init='shine' keep the forward solve's Broyden "
+                "pairs of the whole batch")
+    if jac_reg_samples or spectral_radius_steps:
+        return "jac_reg_samples and spectral_radius_steps need f's graph at z* on the whole batch"
+    return None
+
+
+def _settle_chunk(chunk: Any, f: Callable[..., Any], grad_mode: str, bwd: SolverSettings,
+                  jac_reg_samples: int, spectral_radius_steps: int,
+                  compact: Any) -> Union[int, str, None]:
+    """``chunk`` checked against the other settings: ``"auto"`` gives way (None) to anything
+    chunks cannot do, and to ``compact=False`` (the sign of an f that mixes samples); a number
+    of samples that cannot be honoured is a ValueError."""
+    chunk = check_chunk(chunk)
+    if chunk is None:
+        return None
+    reason = _chunk_conflict(f, grad_mode, bwd, jac_reg_samples, spectral_radius_steps)
+    if chunk == AUTO:
+        return None if reason is not None or compact is False else AUTO
+    if reason is not None:
+        raise ValueError(f"deq_ext: chunk={chunk} solves the samples a few at a time, but "
+                         f"{reason}; use chunk=None")
+    return chunk
+
+
 def _adjoint_start(grad: torch.Tensor, estimate: Optional[torch.Tensor]) -> torch.Tensor:
     """The adjoint solve's first iterate: ``dL/dz*`` (cold), or the SHINE estimate where it is
     finite (warm). Samples with a non-finite ``dL/dz*`` start at 0 (the solver rejects a
@@ -448,6 +502,7 @@ def deq_fixed_point(
     phantom_steps: int = 1,
     phantom_damping: float = 1.0,
     compact: Union[bool, str] = "auto",
+    chunk: Union[int, str, None] = "auto",
     stats: Optional[dict] = None,
     jac_reg_samples: int = 0,
     spectral_radius_steps: int = 0,
@@ -496,6 +551,22 @@ def deq_fixed_point(
             go through that smaller graph (:mod:`deq_ext.adjoint`). f must then be a
             pure function of ``(z, *inputs)``: dropout masks drawn once per forward
             pass must be passed as inputs (or otherwise kept fixed), not redrawn per call.
+        chunk: ``"auto"`` (default): on the CPU, a batch whose state holds at least 2**20
+            values is solved in 4 chunks (:data:`deq_ext.chunks.AUTO_CHUNKS`; measured: about
+            half the peak memory of a training step, for 1.02x its time); smaller
+            batches, CUDA tensors, and the settings below that chunks cannot honour keep the
+            whole batch. None: the whole batch at once. An integer N: the samples are solved N
+            at a time, and no graph of f is kept from the forward pass; the backward pass
+            applies f again at each chunk's z*, solves that chunk's adjoint system and sends
+            it to the inputs and parameters before the next chunk (:mod:`deq_ext.chunks`). The
+            solver's workspace, f's transients and the graph the VJPs go through then hold N
+            samples, not B: a training step's peak memory shrinks about as N / B (docs/design.md,
+            "Memory"), for one more application of f per step. f must be row-wise and must
+            give the same result when applied again (as for compaction); not with
+            ``grad_mode='shine'``, ``init='shine'``, ``jac_reg_samples`` or
+            ``spectral_radius_steps``, nor with an f that mixes samples (ValueError for a
+            number; ``"auto"`` then keeps the whole batch, as it does with ``compact=False``).
+            With ``'phantom'`` only the forward solve is chunked.
         stats: if given, ``stats['forward']`` and, after backward,
             ``stats['backward']`` receive :class:`SolverStats`; with ``jac_reg_samples``,
             ``stats['jac_loss']`` receives the Jacobian regularizer.
@@ -541,9 +612,11 @@ def deq_fixed_point(
     check_compactable(f, _may_compact(fwd_compact, bool(inputs)),
                       torch.is_grad_enabled() and grad_mode != "phantom"
                       and _may_compact(bwd_compact, True))
+    chunk = _settle_chunk(chunk, f, grad_mode, bwd, jac_reg_samples, spectral_radius_steps,
+                          fwd_compact)
     options: dict[str, Any] = dict(
         grad_mode=grad_mode, phantom_steps=phantom_steps, phantom_damping=phantom_damping,
-        compact=compact, stats=stats, jac_reg_samples=jac_reg_samples,
+        compact=compact, chunk=chunk, stats=stats, jac_reg_samples=jac_reg_samples,
         spectral_radius_steps=spectral_radius_steps, n_states=n_states)
     if is_structured(z0):
         # The solves, the gradients and the estimates all run on one flat state per sample.
@@ -558,8 +631,8 @@ def deq_fixed_point(
 
 def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
               fwd: SolverSettings, bwd: SolverSettings, *, grad_mode: str, phantom_steps: int,
-              phantom_damping: float, compact: Union[bool, str], stats: Optional[dict],
-              jac_reg_samples: int,
+              phantom_damping: float, compact: Union[bool, str], chunk: Union[int, str, None],
+              stats: Optional[dict], jac_reg_samples: int,
               spectral_radius_steps: int, n_states: Optional[int]) -> Any:
     """:func:`deq_fixed_point` for a tensor z0 (arguments checked)."""
     _check_inputs(z0, inputs)
@@ -576,8 +649,17 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     # and returns z0's dtype; the solvers' own arithmetic runs with autocast off.
     autocast = AutocastState.now(z0.device)
     f = autocast.wrap(f, z0.dtype)
+    # chunk: the samples are solved (and differentiated) at most that many at a time.
+    B = z0.shape[0]
+    rows = auto_chunk(B, z0[0].numel(), z0.device) if chunk == AUTO else chunk
+    chunk_rows = rows if isinstance(rows, int) and rows < B else None
     with autocast.off():
-        res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
+        if chunk_rows is None:
+            res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, **kwargs)
+        else:
+            res = solve_in_chunks(lambda z, ins: solve(f, z, method=fwd.method, inputs=ins,
+                                                       **kwargs),
+                                  z0.detach(), inputs, chunk_rows)
     pairs = ForwardPairs.of(res) if keep_pairs else None
     if stats is not None:
         stats["forward"] = SolverStats.of(res)
@@ -603,7 +685,8 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
     states = [_phantom(f, z.detach(), inputs, phantom_steps, phantom_damping) for z in earlier]
 
     fz: Optional[torch.Tensor] = None
-    if grad_mode != "phantom" or jac_reg_samples or spectral_radius_steps:
+    # In chunks, no graph of f is kept: the backward pass records it again, chunk by chunk.
+    if chunk_rows is None and (grad_mode != "phantom" or jac_reg_samples or spectral_radius_steps):
         z_leaf = z_star.detach().requires_grad_()
         with _reusable_backward():
             fz = f(z_leaf, *inputs)
@@ -618,13 +701,17 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
         start = z_leaf if fz is not None else z_star
         return result(_phantom(f, start, inputs, phantom_steps, phantom_damping, fz), states)
 
-    assert fz is not None
-    if not fz.requires_grad or not _needs_more_than(fz, z_leaf):
-        return result(fz.detach(), states)
+    if chunk_rows is None:
+        assert fz is not None
+        if not fz.requires_grad or not _needs_more_than(fz, z_leaf):
+            return result(fz.detach(), states)
 
-    autocast = autocast_state(z_leaf.device)  # as f was recorded: to re-record it the same way
+    autocast = autocast_state(z_star.device)  # as f was recorded: to re-record it the same way
 
-    def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def adjoint_solution(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor,
+                         f_inputs: tuple) -> tuple[torch.Tensor, tuple[SolverStats, bool]]:
+        """The adjoint solution through ``fz = f(z_leaf, *f_inputs)``, and the solve's
+        statistics with whether it ran without reading the device (no divergence check)."""
         options = bwd.resolved("backward").solver_kwargs()
         rerecord_below = check_rerecord_below(options.pop("rerecord_below", DEFAULT_RERECORD_BELOW))
         init = options.pop("init", "grad")
@@ -639,7 +726,7 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
         if options["stop_mode"] == GRAD_STOP:
             options["stop_mode"] = "abs"
             grad, norm = _per_sample_normalized(grad, finite)
-        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)
+        adjoint = AdjointMap(f, f_inputs, fz, z_leaf, grad, rerecord_below, autocast)
         # -H^T is linear: the estimate of the normalized dL/dz* is the normalized estimate.
         estimate = pairs.minus_h_transpose(grad) if pairs is not None else None
         # The solver's own arithmetic runs with autocast off even if backward() is called
@@ -660,21 +747,36 @@ def _deq_flat(f: Callable[..., torch.Tensor], z0: torch.Tensor, inputs: tuple,
                 out = _solve_adjoint(adjoint, y0, None, bwd.method, options)
                 y, bstats = out.z, SolverStats.of(out)
                 sync_free = not options.get("stop_early", True)
-        nonfinite = ~finite
         bstats.vjp_rows, bstats.rerecord_rows = adjoint.vjp_rows, adjoint.rerecord_rows
-        bstats.nonfinite_grad = nonfinite
-        if stats is not None:
-            bstats.check_backward_divergence = sync_free
-            stats["backward"] = bstats
-        if not sync_free:
-            _warn_if_backward_diverged(bstats.status, nonfinite, stacklevel=3)
+        bstats.nonfinite_grad = ~finite
         if norm is not None:
             y = _times_rows(y, norm)
         # A non-finite dL/dz* goes on as is (normalizing left those rows unchanged), as plain
         # autograd would pass it: the parameters' gradients show it, so a GradScaler skips the
         # step and lowers its scale.
-        return torch.where(finite_rows, y, grad)
+        return torch.where(finite_rows, y, grad), (bstats, sync_free)
 
+    def finish(solves: list[tuple[SolverStats, bool]]) -> None:
+        """Keeps the backward statistics (of the chunks' solves, joined) and warns about
+        diverged samples unless the solves ran without reading the device."""
+        bstats = SolverStats.cat([st for st, _ in solves])
+        sync_free = any(free for _, free in solves)
+        if stats is not None:
+            bstats.check_backward_divergence = sync_free
+            stats["backward"] = bstats
+        if not sync_free:
+            _warn_if_backward_diverged(bstats.status, bstats.nonfinite_grad, stacklevel=4)
+
+    if chunk_rows is not None:
+        return result(implicit_in_chunks(f, z_star, inputs, chunk_rows, adjoint_solution, finish),
+                      states)
+
+    def backward_solve(fz: torch.Tensor, z_leaf: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        y, solved = adjoint_solution(fz, z_leaf, grad, inputs)
+        finish([solved])
+        return y
+
+    assert fz is not None
     return result(_ImplicitGrad.apply(fz, z_leaf, backward_solve), states)
 
 
@@ -706,8 +808,9 @@ class DEQ(nn.Module):
     def __init__(self, f: Callable[..., Any], *, forward: SettingsLike = None,
                  backward: SettingsLike = None, grad_mode: str = "implicit",
                  phantom_steps: int = 1, phantom_damping: float = 1.0,
-                 compact: Union[bool, str] = "auto", jac_reg_samples: int = 0,
-                 spectral_radius_steps: int = 0, n_states: Optional[int] = None) -> None:
+                 compact: Union[bool, str] = "auto", chunk: Union[int, str, None] = "auto",
+                 jac_reg_samples: int = 0, spectral_radius_steps: int = 0,
+                 n_states: Optional[int] = None) -> None:
         super().__init__()
         self.f = f
         self.forward_settings = _settings(forward, DEFAULT_FORWARD)
@@ -716,6 +819,10 @@ class DEQ(nn.Module):
         self.grad_mode = grad_mode
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.compact = compact
+        # Checked now (a number of samples the settings cannot honour is refused at once).
+        _settle_chunk(chunk, f, grad_mode, self.backward_settings, jac_reg_samples,
+                      spectral_radius_steps, self.forward_settings.options.get("compact", compact))
+        self.chunk = chunk
         _check_count("jac_reg_samples", jac_reg_samples)
         _check_count("spectral_radius_steps", spectral_radius_steps)
         self.jac_reg_samples, self.spectral_radius_steps = jac_reg_samples, spectral_radius_steps
@@ -760,7 +867,8 @@ class DEQ(nn.Module):
         return deq_fixed_point(
             self.f, z0, *inputs, forward=self.forward_settings, backward=self.backward_settings,
             grad_mode=self.grad_mode, phantom_steps=self.phantom_steps,
-            phantom_damping=self.phantom_damping, compact=self.compact, stats=self._stats,
+            phantom_damping=self.phantom_damping, compact=self.compact, chunk=self.chunk,
+            stats=self._stats,
             jac_reg_samples=self.jac_reg_samples if self.training else 0,
             spectral_radius_steps=self.spectral_radius_steps, n_states=self.n_states)
 
@@ -769,6 +877,7 @@ class DEQ(nn.Module):
         return (f"forward=({f.method}, max_iter={f.max_iter}, tol={f.tol}, {f.stop_mode}), "
                 f"backward=({b.method}, max_iter={b.max_iter}, tol={b.tol}, {b.stop_mode}), "
                 f"grad_mode={self.grad_mode}, compact={self.compact}"
+                + (f", chunk={self.chunk!r}" if self.chunk != AUTO else "")
                 + (f", jac_reg_samples={self.jac_reg_samples}" if self.jac_reg_samples else "")
                 + (f", spectral_radius_steps={self.spectral_radius_steps}"
                    if self.spectral_radius_steps else "")

@@ -201,7 +201,8 @@ class MDEQCore(nn.Module):
         self.jac_reg_samples = jac_reg_samples
         # The DEQ layer owns the cell (its parameters are registered once, under deq.f).
         self.deq = DEQ(cell, forward=modes.forward, backward=modes.adjoint_settings(),
-                       grad_mode=modes.grad_mode, phantom_steps=modes.phantom_steps, **extra)
+                       grad_mode=modes.grad_mode, phantom_steps=modes.phantom_steps,
+                       chunk=modes.chunk, **extra)
 
     @property
     def cell(self) -> MDEQCell:

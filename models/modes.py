@@ -71,6 +71,9 @@ class ModeConfig:
             break for torch.compile, so this is how f gets compiled in a compiled model.
         jac_reg_samples: in ``deq`` mode and training, probes of the Jacobian regularizer per
             solve (0: off); the estimates are read with :meth:`SequenceCore.jac_loss`.
+        chunk: in ``deq`` mode, :func:`deq_ext.deq_fixed_point`'s ``chunk``: ``"auto"`` (large
+            CPU batches in 4 chunks), None (the whole batch) or at most this many samples per
+            solve (less memory, one more application of f per step).
     """
 
     mode: str = "deq"
@@ -89,6 +92,7 @@ class ModeConfig:
     subseq_history: str = "previous"
     compile_cell: Optional[dict] = None
     jac_reg_samples: int = 0
+    chunk: Union[int, str, None] = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -273,7 +277,7 @@ class SequenceCore(nn.Module, ABC):
         fwd = m.forward if self.training or m.eval_forward is None else m.eval_forward
         return deq_fixed_point(self.solver_cell(), z0, *inputs, forward=fwd,
                                backward=m.adjoint_settings(), grad_mode=m.grad_mode,
-                               phantom_steps=m.phantom_steps, stats=stats,
+                               phantom_steps=m.phantom_steps, chunk=m.chunk, stats=stats,
                                jac_reg_samples=m.jac_reg_samples if self.training else 0)
 
     def jac_loss(self) -> Optional[torch.Tensor]:

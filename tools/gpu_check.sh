@@ -12,9 +12,9 @@
 #   GPU_CHECK_ARCHIVE="$OUT/gpu_check.tgz" bash tools/gpu_check.sh /tmp/gpu_check
 #
 # Part 1 fits one device call (its limits add up to 550 s); part 2 (copy memory at T=400 with
-# graph=True and eagerly, the half-precision history, the solver-bound bench and the
-# eager-vs-compiled training step, 290 s) reuses part 1's build on the same warm machine, or
-# builds first.
+# graph=True and eagerly, the half-precision history, the solver-bound bench, the
+# eager-vs-compiled training step and the cost of chunks, 330 s) reuses part 1's build on the
+# same warm machine, or builds first.
 # Needs python3 with a CUDA build of torch, nvcc, pytest and pytest-benchmark; torchdeq and
 # matplotlib are optional (their comparisons / the plot are skipped without them). The trained
 # models of the benchmarks are used when their run directories came along (carry out/bench-*);
@@ -108,6 +108,10 @@ else
     --no-bandwidth --no-sweep --out "$out/bench-cuda-solver-bound.json"
   step compile 90 compile.log python3 -m benchmarks.compile_step --device cuda --repeat 5 \
     --out "$out/compile-step-cuda.json"
+  # Time and peak of a training step in chunks of 4 samples against the whole batch: what
+  # chunk="auto" would cost on CUDA, where it keeps the whole batch until this is measured.
+  step chunks 40 chunks.log python3 -m benchmarks.chunk_cost --device cuda --chunk 4 --repeats 3 \
+    --out "$out/chunk-cost-cuda.json"
 fi
 
 {

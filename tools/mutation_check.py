@@ -456,6 +456,21 @@ MUTANTS: tuple[Mutant, ...] = (
        "deq_ext/solvers/_history.py",
        "        need = min(self.m, slots)", "        need = self.m",
        "tests/test_history_growth.py::test_history_bytes_follow_the_steps_taken"),
+    _m("chunk-rows-misplaced",
+       "a chunked DEQ gives each sample the gradient of the whole batch's solve",
+       "deq_ext/chunks.py",
+       "grads[k][start:stop] = g", "grads[k][:stop - start] = g",
+       "tests/test_chunks.py::test_chunks_give_the_whole_batch_results"),
+    _m("chunk-captured-weight-per-chunk",
+       "a weight f captures is differentiated through once for all the chunks",
+       "deq_ext/chunks.py",
+       "elif next_node._sequence_nr() < first:", "elif False:",
+       "tests/test_chunks.py::test_a_captured_weight_is_differentiated_once_for_all_chunks"),
+    _m("chunk-auto-off",
+       "chunk='auto' solves a large CPU batch in 4 chunks",
+       "deq_ext/chunks.py",
+       "    return math.ceil(batch / AUTO_CHUNKS)", "    return None",
+       "tests/test_chunks.py::test_auto_chunks_a_large_cpu_batch"),
 )
 
 

