@@ -57,9 +57,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "deq_ext/layer.py",
            (("    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs,",
              "    res = solve(f, z0.detach(), method=fwd.method, inputs=inputs, return_state=True,"),
-            ("        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)",
+            ("        adjoint = AdjointMap(f, f_inputs, fz, z_leaf, grad, rerecord_below, autocast)",
              "        _ = res\n"
-             "        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)")),
+             "        adjoint = AdjointMap(f, f_inputs, fz, z_leaf, grad, rerecord_below, autocast)")),
            ("tests/test_layer.py::test_bytes_kept_alive_until_backward_do_not_grow_with_iterations",)),
     _m("phantom-one-step",
        "phantom gradients backpropagate through phantom_steps damped steps",
@@ -407,9 +407,9 @@ MUTANTS: tuple[Mutant, ...] = (
            (("    kwargs = {\"compact\": compact, **fwd.resolved(\"forward\").solver_kwargs()}",
              "    kwargs = {\"compact\": compact, **fwd.resolved(\"forward\").solver_kwargs(),\n"
              "              \"return_state\": True}"),
-            ("        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)",
+            ("        adjoint = AdjointMap(f, f_inputs, fz, z_leaf, grad, rerecord_below, autocast)",
              "        _ = res\n"
-             "        adjoint = AdjointMap(f, inputs, fz, z_leaf, grad, rerecord_below, autocast)")),
+             "        adjoint = AdjointMap(f, f_inputs, fz, z_leaf, grad, rerecord_below, autocast)")),
            ("tests/test_memory_defaults.py::"
             "test_the_forward_history_is_gone_before_the_adjoint_allocates_its_own",)),
     _m("memory-target-share",

@@ -43,6 +43,19 @@ def test_summary_of_each_kind_and_its_exit_status(tmp_path, capsys):
     assert any("transformer DEQ peak memory / 16-layer" in ln and "0.050" in ln
                and ln.endswith("PASS") for ln in lines)
     assert any("saved bytes only (secondary)" in ln and "0.020" in ln for ln in lines)
+    # The current table: targets against the unrolled and the checkpointed model.
+    current = tmp_path / "current"
+    current.mkdir()
+    _write(current / "memory.json", {
+        "command": "python -m benchmarks.memory_table", "device": "cpu0",
+        "models": {"trellisnet": {"targets": {
+            "unrolled": {"depth": 60, "share": 0.136, "limit": 0.14, "pass": True},
+            "checkpointed": {"depth": 60, "share": 0.7, "limit": 0.6, "pass": False}}}}})
+    table = summarize([str(current)])[0].splitlines()
+    assert any("trellisnet DEQ peak memory / 60-layer unrolled" in ln and "0.136" in ln
+               and ln.endswith("PASS") for ln in table)
+    assert any("60-layer checkpointed" in ln and "0.700" in ln and ln.endswith("FAIL")
+               for ln in table)
     # A bench record without a problem kind is the solver-bound f of earlier versions.
     assert any("total_speedup [solver-bound f" in ln for ln in lines)
     assert any("broyden_iteration (cpu): fraction of copy" in ln and "0.600" in ln for ln in lines)
