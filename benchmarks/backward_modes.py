@@ -502,19 +502,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for t in res["targets"]:
                 if "over_step" in t["figure"]:
                     t["pass"] = None
-    print(table, flush=True)
-    if args.out:
-        write_json(results, args.out)
-        progress(f"wrote {args.out}")
+    ms.report(results, table, args.out)
     return results
 
 
 # -- tables ---------------------------------------------------------------------------------------------
-def _f(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else format(value, fmt)
-
-
 def format_table(results: dict[str, Any]) -> str:
     """One block per workload, one line per mode."""
     lines = [f"Backward modes, one training step each, device: {results['device']} (median of "
@@ -532,12 +524,13 @@ def format_table(results: dict[str, Any]) -> str:
             fb = m.get("shine_fallback_share")
             lines.append(
                 f"  {mode:<16}{m['f_rows']:>8}{m['vjp_rows']:>9}"
-                f"{_f(m['vjp_rows_over_f_rows'], '.2f'):>7}{_f(m['backward_over_forward'], '.2f'):>9}"
-                f"{m['median_step_s']:>9.4f}{_f(m['torchdeq_over_step'], '.2f'):>9}"
-                f"{m['cosine']:>10.6f}{m['rel_error']:>10.2e}{_f(fb, '.2f'):>9}")
+                f"{ms.cell(m['vjp_rows_over_f_rows'], '.2f'):>7}"
+                f"{ms.cell(m['backward_over_forward'], '.2f'):>9}"
+                f"{m['median_step_s']:>9.4f}{ms.cell(m['torchdeq_over_step'], '.2f'):>9}"
+                f"{m['cosine']:>10.6f}{m['rel_error']:>10.2e}{ms.cell(fb, '.2f'):>9}")
         for t in res["targets"]:
             verdict = "-" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-            lines.append(f"  target: {t['mode']} {t['figure']} {_f(t['value'], '.3f')} "
+            lines.append(f"  target: {t['mode']} {t['figure']} {ms.cell(t['value'], '.3f')} "
                          f"{t['bound']}: {verdict}")
     return "\n".join(lines)
 
@@ -554,12 +547,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     for name, res in results["workloads"].items():
         for mode, m in res["modes"].items():
             cells = [name, mode, str(m["f_rows"]), str(m["vjp_rows"]),
-                     _f(m["vjp_rows_over_f_rows"], ".2f"),
-                     _f(m.get("backward_iterations_mean"), ".2f"), f"{m['cosine']:.4f}",
-                     f"{m['rel_error']:.1e}", _f(m.get("shine_fallback_share"), ".2f")]
+                     ms.cell(m["vjp_rows_over_f_rows"], ".2f"),
+                     ms.cell(m.get("backward_iterations_mean"), ".2f"), f"{m['cosine']:.4f}",
+                     f"{m['rel_error']:.1e}", ms.cell(m.get("shine_fallback_share"), ".2f")]
             if timed:
-                cells += [_f(m["backward_over_forward"], ".2f"),
-                          _f(m["torchdeq_over_step"], ".2f")]
+                cells += [ms.cell(m["backward_over_forward"], ".2f"),
+                          ms.cell(m["torchdeq_over_step"], ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -572,7 +565,7 @@ def markdown_training_table(results: dict[str, Any]) -> str:
         for mode, e in modes.items():
             loss = ", ".join(f"{v:.4g}" for v in e["test_loss"])
             acc = ", ".join(f"{v:.4f}" for v in e["test_accuracy"])
-            lines.append(f"| {task} | {mode} | {loss} | {acc} | {_f(e['wall_s_mean'], '.0f')} |")
+            lines.append(f"| {task} | {mode} | {loss} | {acc} | {ms.cell(e['wall_s_mean'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -585,7 +578,7 @@ def format_training_table(results: dict[str, Any]) -> str:
         for mode, e in modes.items():
             loss = " ".join(f"{v:.4g}" for v in e["test_loss"])
             acc = " ".join(f"{v:.4f}" for v in e["test_accuracy"])
-            lines.append(f"  {mode:<16}{loss:<40}{acc:<34}{_f(e['wall_s_mean'], '.1f'):>14}")
+            lines.append(f"  {mode:<16}{loss:<40}{acc:<34}{ms.cell(e['wall_s_mean'], '.1f'):>14}")
     return "\n".join(lines)
 
 

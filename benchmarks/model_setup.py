@@ -89,10 +89,21 @@ def finish_run(results: dict[str, Any], table: str, out: Optional[str], t0: floa
     """Close the record (wall time, load), print the table, write the JSON if asked."""
     results["wall_s"] = time.perf_counter() - t0
     results["load_average_end"] = load_average()
+    report(results, table, out)
+
+
+def report(results: dict[str, Any], table: str, out: Optional[str]) -> None:
+    """Print the table and write the record as JSON to ``out`` if given."""
     print(table, flush=True)
     if out:
         write_json(results, out)
         progress(f"wrote {out}")
+
+
+def cell(value: Optional[float], fmt: str) -> str:
+    """A table cell: ``value`` formatted, or "-" when it is missing or NaN."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else format(value, fmt)
 
 
 def apply_threads(threads: Optional[int]) -> None:

@@ -55,6 +55,8 @@ import torch
 
 from deq_ext.bench import load_average, machine_busy, progress, provenance, write_json
 
+from . import model_setup as ms
+
 PROGRAM = "python -m benchmarks.training_defaults"
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = "benchmarks._train_with_defaults"
@@ -286,9 +288,9 @@ def run_series(tasks: Sequence[str], seeds: Sequence[int], quick: bool,
                     runs[setting].append(run)
                     progress(f"{task} {setting} seed {seed}: test loss {run['test_loss']:.5g}, "
                              f"accuracy {run['test_accuracy']:.4f}, steps fwd "
-                             f"{_f(run['train_fwd_steps'], '.2f')} bwd "
-                             f"{_f(run['train_bwd_steps'], '.2f')} test "
-                             f"{_f(run['test_fwd_steps'], '.2f')}, wall {run['wall_s']:.0f}s "
+                             f"{ms.cell(run['train_fwd_steps'], '.2f')} bwd "
+                             f"{ms.cell(run['train_bwd_steps'], '.2f')} test "
+                             f"{ms.cell(run['test_fwd_steps'], '.2f')}, wall {run['wall_s']:.0f}s "
                              f"(process {time.perf_counter() - t0:.0f}s)")
                 entries = {s: by_seed(r) for s, r in runs.items() if r}
                 first = next(iter(entries.values()))["runs"][0]
@@ -353,19 +355,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     results["load_average_end"] = load_average()
     # The training scripts set their own threads (digits 1, copy memory 2).
     results["busy"] = machine_busy(results["load_average_start"], results["load_average_end"], 2)
-    print(format_table(results), flush=True)
-    if args.out:
-        write_json(results, args.out)
-        progress(f"wrote {args.out}")
+    ms.report(results, format_table(results), args.out)
     return results
 
 
 # -- the table ---------------------------------------------------------------------------------------
-def _f(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else format(value, fmt)
-
-
 def _verdict(v: Optional[bool]) -> str:
     return "-" if v is None else ("PASS" if v else "FAIL")
 
@@ -379,7 +373,7 @@ _COLUMNS = (("test_loss", 12, ".5g"), ("test_accuracy", 10, ".4f"), ("train_fwd_
 
 
 def _table_line(setting: str, label: str, figures: dict[str, Any], suffix: str) -> str:
-    cells = "".join(f"{_f(figures[key + suffix], fmt):>{width}}" for key, width, fmt in _COLUMNS)
+    cells = "".join(f"{ms.cell(figures[key + suffix], fmt):>{width}}" for key, width, fmt in _COLUMNS)
     return f"  {setting:<8}{label:>5}{cells}"
 
 
